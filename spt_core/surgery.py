@@ -20,12 +20,12 @@ def apply_plan(model: nn.Module, plan: TuningPlan) -> nn.Module:
     Frozen weights are not copied or modified; LoRA / Adapter up-projections and every delta start at zero,
     so the output right after surgery equals the original's.
     """
+    if getattr(model, PLAN_ATTR, None) is not None:
+        raise ValueError("a plan was already applied to this model; apply plans to a fresh backbone")
     layout = ModelLayout.from_model(model)
     if layout.signature != plan.layout.signature:
         raise ValueError("the plan was made for a different model (layout signature "
                          f"{plan.layout.signature} != {layout.signature}); build the plan from this backbone")
-    if getattr(model, PLAN_ATTR, None) is not None:
-        raise ValueError("a plan was already applied to this model; apply plans to a fresh backbone")
     for name, p in model.named_parameters():
         p.requires_grad_(plan.train_head and name in layout.head_names)
 

@@ -8,6 +8,8 @@ matmul (SDDMM) on the fixed CSR pattern: no dense weight gradient, no K x K matr
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.nn import functional as F
 
@@ -23,7 +25,9 @@ def csr_pattern(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) 
     crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
     values = torch.zeros(rows.numel(), dtype=torch.float32, device=rows.device)
-    return torch.sparse_csr_tensor(crow, cols, values, size=shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, values, size=shape, check_invariants=False)
 
 
 def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
