@@ -25,9 +25,35 @@ def dequantize(codes: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, bits:
     return values.to(mean.device, mean.dtype)[codes] * std + mean
 
 
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 def quantize_ste(w: torch.Tensor, bits: int | None) -> torch.Tensor:
-    """Forward: the quantized weight (live mean/std); backward: the gradient passes unchanged."""
+    """Forward: exactly the quantized weight (live mean/std); backward: the gradient passes unchanged."""
     if bits is None:
         return w
     codes, mean, std = quantize_codes(w.detach(), bits)
-    return w + (dequantize(codes, mean, std, bits) - w).detach()
+    return _StraightThrough.apply(w, dequantize(codes, mean, std, bits))
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Little-endian bit packing of small integer codes into uint8 (8 / bits codes per byte)."""
+    per_byte = 8 // bits
+    flat = codes.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per_byte)]).reshape(-1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    return (flat << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    codes = (packed.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:numel].to(torch.int64)

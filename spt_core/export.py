@@ -1,0 +1,116 @@
+"""Task deltas on disk: exactly what a plan trained (packed bits for quantized adapters) + the plan JSON.
+
+A delta directory holds `delta.safetensors`, `plan.json` and `meta.json` (provenance: backbone hash, task,
+metrics). It is written to a temporary directory and renamed into place, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .modules.adapter import Adapter
+from .modules.lora import LoRA
+from .modules.quant import dequantize, pack_codes, quantize_codes, unpack_codes
+from .plan import TuningPlan
+from .surgery import PLAN_ATTR, apply_plan
+
+DELTA_FILE, PLAN_FILE, META_FILE = "delta.safetensors", "plan.json", "meta.json"
+_PACKED = (".codes", ".mean", ".std")
+
+
+class DeltaError(ValueError):
+    """A delta directory that cannot be used (missing files, mismatched backbone, corrupt tensors)."""
+
+
+def _quantized_weights(model: nn.Module) -> dict[str, int]:
+    """Names of LoRA / Adapter weights trained at low precision -> their bit width."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (LoRA, Adapter)) and module.bits is not None:
+            out[f"{name}.down.weight"] = out[f"{name}.up.weight"] = module.bits
+    return out
+
+
+def delta_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trained tensor by parameter name; quantized weights as packed codes + mean + std."""
+    quantized = _quantized_weights(model)
+    state: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in quantized:
+            codes, mean, std = quantize_codes(p.detach().float().cpu(), quantized[name])
+            state[name + ".codes"] = pack_codes(codes, quantized[name])
+            state[name + ".mean"], state[name + ".std"] = mean.reshape(1), std.reshape(1)
+        else:
+            state[name] = p.detach().float().cpu().contiguous()
+    return state
+
+
+def save_delta(model: nn.Module, out_dir: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
+    """Write the delta of a model that went through apply_plan; replaces `out_dir` atomically."""
+    plan: TuningPlan | None = getattr(model, PLAN_ATTR, None)
+    if plan is None:
+        raise DeltaError("the model has no applied plan; call apply_plan before saving a delta")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(delta_state(model), str(tmp / DELTA_FILE))
+        (tmp / PLAN_FILE).write_text(plan.to_json())
+        (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=str))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_delta(delta_dir: str | Path) -> tuple[TuningPlan, dict[str, torch.Tensor], dict[str, Any]]:
+    delta_dir = Path(delta_dir)
+    for name in (DELTA_FILE, PLAN_FILE, META_FILE):
+        if not (delta_dir / name).is_file():
+            raise DeltaError(f"{delta_dir}: missing {name}; export the trial again with `spt-ray export`")
+    try:
+        plan = TuningPlan.from_json((delta_dir / PLAN_FILE).read_text())
+        state = load_file(str(delta_dir / DELTA_FILE))
+        meta = json.loads((delta_dir / META_FILE).read_text())
+    except (ValueError, OSError, KeyError) as err:
+        raise DeltaError(f"{delta_dir}: unreadable delta ({type(err).__name__}: {err}); export it again") from None
+    return plan, state, meta
+
+
+def load_delta(model: nn.Module, delta_dir: str | Path) -> nn.Module:
+    """Apply the saved plan to a fresh backbone and load the trained values (quantized ones stay exact)."""
+    plan, state, _ = read_delta(delta_dir)
+    apply_plan(model, plan)
+    named = dict(model.named_parameters())
+    quantized = _quantized_weights(model)
+    expected = {n for n, p in named.items() if p.requires_grad}
+    stored = {n.removesuffix(s) for n in state for s in _PACKED if n.endswith(s)} | {
+        n for n in state if not n.endswith(_PACKED)}
+    if stored != expected:
+        raise DeltaError(f"{delta_dir}: delta tensors do not match its plan ({len(stored ^ expected)} differ)")
+    with torch.no_grad():
+        for name in expected:
+            p = named[name]
+            if name in quantized:
+                bits = quantized[name]
+                codes = unpack_codes(state[name + ".codes"], bits, p.numel()).reshape(p.shape)
+                p.copy_(dequantize(codes, state[name + ".mean"][0], state[name + ".std"][0], bits))
+            else:
+                p.copy_(state[name])
+    for module in model.modules():
+        if isinstance(module, (LoRA, Adapter)) and module.bits is not None:
+            module.bits = None  # the weights now hold their quantized values exactly
+    return model
