@@ -201,3 +201,26 @@ def to_uint8(images: Array, rng: np.random.Generator, noise: float = 0.0) -> Arr
     if noise > 0:
         images = images + rng.normal(0.0, noise, images.shape)
     return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+
+
+def cluttered_background(rng: np.random.Generator, batch: int, size: int, texture_prob: float = 0.4) -> Array:
+    """Smooth colour noise, in a fraction of images half-blended with a low-contrast random texture."""
+    textured = rng.random(batch) < texture_prob
+    canvas = natural_background(rng, batch, size)
+    tex = two_tone(texture(rng, rng.choice(TEXTURES, batch), size),
+                   random_colours(rng, batch, sat=(0, 0.5), val=(0.3, 0.8)),
+                   random_colours(rng, batch, sat=(0, 0.5), val=(0.3, 0.8)))
+    return np.where(textured[:, None, None, None], 0.5 * canvas + 0.5 * tex, canvas)
+
+
+def add_distractors(rng: np.random.Generator, canvas: Array, *, slots: int = 2, prob: float = 0.5,
+                    radius: tuple[float, float] = (2.0, 4.0)) -> Array:
+    """Paint up to ``slots`` small random shapes (each present with ``prob``) anywhere on the canvas."""
+    batch, size = canvas.shape[0], canvas.shape[1]
+    for _ in range(slots):
+        present = rng.random(batch) < prob
+        cov = shape_coverage(rng.choice(list(SHAPES), batch), rng.uniform(0, size, batch),
+                             rng.uniform(0, size, batch), rng.uniform(*radius, batch),
+                             rng.uniform(0, 2 * np.pi, batch), size)
+        canvas = paint(canvas, cov * present[:, None, None], random_colours(rng, batch))
+    return canvas
