@@ -86,17 +86,32 @@ def _strip_worker_traceback(err: DataError) -> DataError:
 
 
 class SafeDataLoader(DataLoader):
-    """A DataLoader whose DataErrors surface as the one-line message, also from worker processes."""
+    """A DataLoader whose DataErrors surface as the one-line message, also from worker processes.
+
+    Without workers, random transforms run on a private torch RNG stream seeded from the loader's
+    generator once per epoch (as worker processes are), so augmentation is reproducible and the caller's
+    global RNG is neither used nor advanced by data loading."""
 
     def __iter__(self) -> Iterator[Any]:
         it = super().__iter__()
+        private = self.num_workers == 0 and self.generator is not None
+        if private:
+            seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator))
+            data_state = torch.Generator().manual_seed(seed).get_state()
         while True:
+            if private:
+                outer_state = torch.get_rng_state()
+                torch.set_rng_state(data_state)
             try:
                 batch = next(it)
             except StopIteration:
                 return
             except DataError as err:
                 raise _strip_worker_traceback(err) from None
+            finally:
+                if private:
+                    data_state = torch.get_rng_state()
+                    torch.set_rng_state(outer_state)
             yield batch
 
 
@@ -108,9 +123,9 @@ def _seed_worker(worker_id: int) -> None:
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
                 drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
-    """A deterministic loader: ``train`` shuffles with a generator seeded by ``seed`` (epoch k's order is a
-    function of the seed); eval keeps file order. Worker RNGs derive from the same generator, and the global
-    torch RNG is never consumed."""
+    """A deterministic loader: ``train`` shuffles with a generator seeded by ``seed`` (epoch k's order and
+    augmentation are functions of the seed); eval keeps file order. Worker RNGs derive from the same
+    generator, and the global torch RNG is never consumed."""
     return SafeDataLoader(
         dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last and train,
         generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
