@@ -1,0 +1,161 @@
+"""The embedded backbone: a small ViT pretrained by this project on a generated upstream task.
+
+Upstream task (different from every mini-suite task): 128 classes = 8 shapes x 4 fill textures
+x 4 colour families, one large object at a random position, scale and rotation over a cluttered
+background (smooth colour noise or a low-contrast texture) with 0-2 small distractor objects.
+Images are generated on the fly from a seed, so pretraining needs no download.
+
+``pretrain_embedded`` is reproducible (same seed, steps and thread count -> same weights on the same
+torch build) and writes ``spt_mini_vit.safetensors`` plus a JSON recipe next to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import VisionTransformer
+
+from .data import render as R
+from .progress import progress_bar
+
+EMBEDDED_NAME = "spt-mini-vit"
+EMBEDDED_CONFIG: dict[str, Any] = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0)
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+EMBEDDED_WEIGHTS = ASSET_DIR / "spt_mini_vit.safetensors"
+UPSTREAM_VERSION = 1
+
+UPSTREAM_SHAPES = ("disk", "square", "triangle", "hexagon", "star", "cross", "ring", "ellipse")
+UPSTREAM_FILLS = ("solid", "stripes", "checker", "dots")
+UPSTREAM_HUES = (0.0, 0.25, 0.5, 0.75)
+UPSTREAM_CLASSES = len(UPSTREAM_SHAPES) * len(UPSTREAM_FILLS) * len(UPSTREAM_HUES)
+
+
+def upstream_batch(rng: np.random.Generator, batch: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of the upstream task: uint8 images (B, S, S, 3) and labels in [0, 128)."""
+    labels = rng.integers(0, UPSTREAM_CLASSES, batch)
+    shape_i, rest = np.divmod(labels, len(UPSTREAM_FILLS) * len(UPSTREAM_HUES))
+    fill_i, hue_i = np.divmod(rest, len(UPSTREAM_HUES))
+
+    canvas = R.add_distractors(rng, R.cluttered_background(rng, batch, size))  # distractors under the object
+    radius = rng.uniform(6, 12, batch)
+    cx, cy = (rng.uniform(0.6 * radius, size - 0.6 * radius) for _ in range(2))
+    cov = R.shape_coverage(np.array(UPSTREAM_SHAPES)[shape_i], cx, cy, radius,
+                           rng.uniform(0, 2 * np.pi, batch), size)
+    hue = np.array(UPSTREAM_HUES)[hue_i] + rng.uniform(-0.07, 0.07, batch)
+    c0 = R.random_colours(rng, batch, hue=hue, sat=(0.6, 1.0), val=(0.6, 1.0))
+    c1 = c0 * rng.uniform(0.2, 0.55, (batch, 1))
+    fill = R.two_tone(R.texture(rng, np.array(UPSTREAM_FILLS)[fill_i], size, freq=(0.2, 0.35)), c0, c1)
+    canvas = R.paint(canvas, cov, fill)
+    return R.to_uint8(canvas, rng, noise=0.03), labels
+
+
+def to_model_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S), the same as ToTensor + ImageNet Normalize."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def build_embedded_vit(num_classes: int, *, img_size: int | None = None, drop_path_rate: float = 0.0,
+                       **kwargs: Any) -> VisionTransformer:
+    """The embedded architecture (random init); ``kwargs`` override timm VisionTransformer arguments."""
+    cfg = {**EMBEDDED_CONFIG, **kwargs}
+    if img_size is not None:
+        cfg["img_size"] = img_size
+    return VisionTransformer(num_classes=num_classes, drop_path_rate=drop_path_rate, **cfg)
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+@torch.no_grad()
+def upstream_accuracy(model: torch.nn.Module, *, seed: int = 0, n: int = 2048, batch: int = 256) -> float:
+    """Top-1 accuracy on ``n`` held-out upstream images (their own seed stream)."""
+    rng = np.random.default_rng([seed, UPSTREAM_VERSION, 2])
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, n, batch):
+        images, labels = upstream_batch(rng, min(batch, n - start))
+        correct += int((model(to_model_input(images)).argmax(1).numpy() == labels).sum())
+    model.train(was_training)
+    return correct / n
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pretrain_embedded(out_path: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: int = 96,
+                      lr: float = 2e-3, weight_decay: float = 0.05, threads: int = 2, eval_images: int = 2048,
+                      progress: bool = True) -> dict[str, Any]:
+    """Pretrain the embedded ViT on the upstream task; write safetensors + ``<stem>.json``; return the recipe."""
+    out_path = Path(out_path)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        model = build_embedded_vit(UPSTREAM_CLASSES)
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        rng = np.random.default_rng([seed, UPSTREAM_VERSION, 1])
+        warmup = max(1, steps // 20)
+        start, loss_ema = time.perf_counter(), None
+        model.train()
+        with progress_bar(total=steps, desc="pretrain spt-mini-vit", unit="step", enabled=progress) as bar:
+            for step in range(steps):
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step, steps, lr, warmup)
+                images, labels = upstream_batch(rng, batch_size)
+                loss = F.cross_entropy(model(to_model_input(images)), torch.from_numpy(labels),
+                                       label_smoothing=0.1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_ema:.3f}")
+        train_s = time.perf_counter() - start
+        acc = upstream_accuracy(model, seed=seed, n=eval_images)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"name": EMBEDDED_NAME, "seed": str(seed), "steps": str(steps)})
+        tmp.replace(out_path)
+        recipe = {
+            "name": EMBEDDED_NAME, "architecture": "timm VisionTransformer", "config": EMBEDDED_CONFIG,
+            "upstream_task": f"{UPSTREAM_CLASSES} classes: shapes {list(UPSTREAM_SHAPES)} x fills "
+                             f"{list(UPSTREAM_FILLS)} x hue families {list(UPSTREAM_HUES)}",
+            "upstream_version": UPSTREAM_VERSION, "seed": seed, "steps": steps, "batch_size": batch_size,
+            "lr": lr, "weight_decay": weight_decay, "label_smoothing": 0.1, "threads": threads,
+            "upstream_eval_images": eval_images, "upstream_accuracy": round(acc, 4),
+            "final_train_loss_ema": round(float(loss_ema), 4), "train_seconds": round(train_s, 1),
+            "torch": torch.__version__, "num_params": sum(p.numel() for p in model.parameters()),
+            "file": out_path.name, "sha256": file_sha256(out_path),
+        }
+        out_path.with_suffix(".json").write_text(json.dumps(recipe, indent=2) + "\n")
+        return recipe
+    finally:
+        torch.set_num_threads(prev_threads)
