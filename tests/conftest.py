@@ -30,3 +30,58 @@ def random_batches(n: int = 3, batch: int = 4, num_classes: int = 5, seed: int =
 @pytest.fixture
 def vit():
     return tiny_vit()
+
+
+# ---- spt_ray fixtures: a tiny mini suite, a backbone, one multi-node Ray cluster per session ----------
+RAY_TASKS = ("shapes", "count")
+RAY_SIZES = (96, 64, 64)  # train800 / val200 / test images per task: enough to train a step or three
+RAY_OBJECT_STORE = 96 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def ray_mini_root(tmp_path_factory) -> str:
+    """Two tasks of the embedded mini suite, shrunk for speed (same layout and loader as the real one)."""
+    from spt_core.data.mini import write_mini_suite
+
+    root = tmp_path_factory.mktemp("ray-mini")
+    write_mini_suite(root, seed=0, tasks=list(RAY_TASKS), sizes=RAY_SIZES)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def ray_backbone(tmp_path_factory):
+    """The shipped spt-mini-vit when its weights exist, else the same architecture saved with seeded random
+    weights (a real local weights file, so hashing and loading go through the same code)."""
+    from safetensors.torch import save_file
+    from spt_core.embedded import EMBEDDED_WEIGHTS, build_embedded_vit
+    from spt_core.experiment import BackboneRef
+
+    if EMBEDDED_WEIGHTS.is_file():
+        return BackboneRef()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ray-backbone") / "spt_mini_vit_random.safetensors"
+    save_file({k: v.contiguous() for k, v in build_embedded_vit(10).state_dict().items()}, str(path))
+    return BackboneRef(weights=str(path))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real 3-node Ray cluster on this machine (head + 2 workers, 2 logical CPUs each), driver connected.
+
+    Short temp dir (unix socket paths), no dashboard; torn down at the end of the session.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    temp_dir = f"/tmp/ray-spt-{os.getpid()}"
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=2, object_store_memory=RAY_OBJECT_STORE, include_dashboard=False, temp_dir=temp_dir))
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, object_store_memory=RAY_OBJECT_STORE)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

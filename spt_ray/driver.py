@@ -1,0 +1,341 @@
+"""`run_sweep(spec)`: the one entry point (CLI, sweep scripts, tests) for a whole sweep, on a laptop or a cluster.
+
+The honest protocol, in two Tune experiments that share the trainable, the store and the results:
+
+1. search: per task, Optuna proposes configurations trained on train800 and scored on val200 (ASHA
+   per task stops weak ones); baselines run once each as fixed configurations.
+2. final: the best configuration of every task, chosen by val_acc ONLY (`select_best` reads a fixed
+   list of validation columns and asserts it holds no test column), and every baseline, are retrained
+   on train800val200 with several seeds; test accuracy is evaluated once per run and reported as mean
+   and std.
+
+Resume: both experiments live under `<storage>/tune/<sweep>-<phase>`; with `resume=True` an
+interrupted one continues through `Tuner.restore` with fresh ObjectRefs from the store (which reloads
+maps from disk or memory, never recomputing a stored map); finished trials are kept, unfinished ones
+continue from their last checkpoint. After each experiment every trial's log is reconciled into
+Parquet (rows already stored are skipped), so a driver killed between a report and its write loses
+nothing. Node loss: `FailureConfig(max_failures)` reschedules a trial elsewhere, from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import pyarrow as pa
+import ray
+from ray.tune import CheckpointConfig, ExperimentAnalysis, FailureConfig, RunConfig, TuneConfig, Tuner
+
+from spt_core.experiment import TaskRef
+
+from .results import ResultsCallback, ResultsWriter, RowContext, read_results, rows_from_trial_log
+from .search import FixedSearcher, PerTaskScheduler, PerTaskSearcher
+from .space import RankingNeeds, fixed_configs
+from .spec import SweepSpec
+from .storage import Storage
+from .store import RankingHandle, SensitivityRequest, fetch_rankings, get_store
+from .trainable import TrialContext, make_trainable
+
+logger = logging.getLogger(__name__)
+
+# The only columns model selection may read. No test column: selection happens on validation only.
+SELECTION_COLUMNS = ("task", "phase", "row_kind", "status", "searched", "trial_id", "method", "budget", "alpha",
+                     "rank", "lr", "weight_decay", "bits", "epoch", "epochs", "val_acc", "val_loss",
+                     "trainable_params", "storage_bytes")
+assert not any(c.startswith("test") for c in SELECTION_COLUMNS), "selection must never read a test column"
+CONFIG_KEYS = ("method", "budget", "alpha", "rank", "lr", "weight_decay", "bits")
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced; everything is also in the Parquet results under `results_path`."""
+
+    name: str
+    storage: str
+    results_path: str
+    best: dict[str, dict[str, Any]]  # task -> selected config + its val_acc / trainable_params / trial_id
+    final: dict[str, dict[str, dict[str, Any]]]  # task -> label ("best" or a baseline) -> test mean/std/n
+    pareto: dict[str, list[dict[str, Any]]]  # task -> non-dominated (val_acc max, trainable_params min) trials
+    sensitivity: dict[str, dict[str, Any]]  # task -> key, source, k, ranking bytes vs full map bytes
+    overhead: dict[str, float]  # wall time, busy (train+eval) time, slots, shares outside train+eval
+    store_stats: dict[str, Any]
+    trials: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> status -> count
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- Ray -----------------------------------------------------------------------------------------
+@contextmanager
+def ray_session(address: str | None) -> Iterator[bool]:
+    """Use the Ray this process is already connected to, else connect / start one (and stop it after).
+
+    address None: ray.init()'s own rule (attach to a cluster running on this machine, else start a local
+    one); "local": always a fresh local Ray; anything else: attach there.
+    """
+    if ray.is_initialized():
+        yield False
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+def trial_slots(spec: SweepSpec) -> int:
+    """How many trials can run at once: the concurrency limit, capped by the cluster's resources."""
+    res = ray.cluster_resources()
+    slots = spec.max_concurrent
+    slots = min(slots, int(res.get("CPU", 0) // spec.resources.cpu + 1e-9) or 1)
+    if spec.resources.gpu > 0:
+        slots = min(slots, int(res.get("GPU", 0) // spec.resources.gpu + 1e-9) or 1)
+    return max(1, slots)
+
+
+# ---- selection (validation only) -------------------------------------------------------------------
+def select_best(table: pa.Table) -> dict[str, dict[str, Any]]:
+    """Per task, the searched trial that ran all its epochs with the highest val_acc.
+
+    Ties go to fewer trainable parameters, then to the earlier trial id. Reads SELECTION_COLUMNS only.
+    """
+    view = table.select(list(SELECTION_COLUMNS))
+    assert not any(c.startswith("test") for c in view.column_names)
+    best: dict[str, dict[str, Any]] = {}
+    for row in view.to_pylist():
+        if (row["phase"], row["row_kind"], row["status"]) != ("search", "trial", "completed") or not row["searched"]:
+            continue
+        if row["val_acc"] is None:
+            continue
+        key = (row["val_acc"], -(row["trainable_params"] or 0), _neg(row["trial_id"]))
+        cur = best.get(row["task"])
+        if cur is None or key > cur["_key"]:
+            best[row["task"]] = {**row, "_key": key}
+    return {t: {k: v for k, v in r.items() if k != "_key"} for t, r in best.items()}
+
+
+def _neg(text: str) -> tuple[int, ...]:
+    return tuple(-ord(c) for c in text)
+
+
+def pareto_front(table: pa.Table) -> dict[str, list[dict[str, Any]]]:
+    """Per task, completed searched trials not dominated in (val_acc max, trainable_params min)."""
+    rows = [r for r in table.select(list(SELECTION_COLUMNS)).to_pylist()
+            if (r["phase"], r["row_kind"], r["status"]) == ("search", "trial", "completed") and r["searched"]
+            and r["val_acc"] is not None]
+    fronts: dict[str, list[dict[str, Any]]] = {}
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        front = [r for r in mine if not any(
+            o["val_acc"] >= r["val_acc"] and o["trainable_params"] <= r["trainable_params"]
+            and (o["val_acc"] > r["val_acc"] or o["trainable_params"] < r["trainable_params"]) for o in mine)]
+        fronts[task] = sorted(front, key=lambda r: r["trainable_params"])
+    return fronts
+
+
+def final_configs(spec: SweepSpec, best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs of the final phase: (best config of each task + each baseline) x seeds."""
+    base = fixed_configs(spec.baselines, lr=spec.final_recipe.lr, weight_decay=spec.final_recipe.weight_decay,
+                         bits=spec.space.bits)
+    runs = []
+    for task in spec.tasks:
+        labelled = [("best", {k: best[task][k] for k in CONFIG_KEYS}, best[task]["trial_id"])] if task in best else []
+        labelled += [(c["method"], c, None) for c in base]
+        for label, cfg, source in labelled:
+            for seed in spec.final_seeds:
+                runs.append({**cfg, "task": task, "label": label, "seed": int(seed), "searched": label == "best",
+                             "source_trial": source, "run_id": f"{task}/{label}/seed{seed}"})
+    return runs
+
+
+def summarize_final(table: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
+    """Test accuracy mean / std (sample std, 0 for one seed) per task and label over the final runs."""
+    rows = [r for r in table.to_pylist() if r["phase"] == "final" and r["row_kind"] == "final"
+            and r["status"] == "completed"]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        entry = out.setdefault(r["task"], {}).setdefault(r["label"], {
+            "method": r["method"], "trainable_params": r["trainable_params"], "storage_bytes": r["storage_bytes"],
+            "seeds": [], "test_acc": []})
+        entry["seeds"].append(r["seed"])
+        entry["test_acc"].append(r["test_acc"])
+    for labels in out.values():
+        for e in labels.values():
+            order = sorted(range(len(e["seeds"])), key=lambda i: e["seeds"][i])
+            e["seeds"] = [e["seeds"][i] for i in order]
+            e["test_acc"] = [e["test_acc"][i] for i in order]
+            e["n"] = len(e["test_acc"])
+            e["mean"] = statistics.fmean(e["test_acc"])
+            e["std"] = statistics.stdev(e["test_acc"]) if e["n"] > 1 else 0.0
+    return out
+
+
+def measure_overhead(table: pa.Table, wall_s: float, slots: int, sensitivity_wall_s: float) -> dict[str, float]:
+    """Share of time outside training + evaluation.
+
+    `share`: of the sweep's wall time times its trial slots (everything: Ray start-up, sensitivity,
+    scheduling gaps, actor start, data loading, checkpoints). `trial_share`: of the trials' own wall time
+    (setup, checkpoints, reporting).
+    """
+    rows = [r for r in table.to_pylist() if r["row_kind"] in ("trial", "final")]
+    busy = sum((r["train_s"] or 0.0) + (r["eval_s"] or 0.0) for r in rows)
+    trial_wall = sum(r["wall_s"] or 0.0 for r in rows)
+    capacity = wall_s * slots
+    return {"wall_s": wall_s, "slots": float(slots), "busy_s": busy, "trial_wall_s": trial_wall,
+            "setup_s": sum(r["setup_s"] or 0.0 for r in rows),
+            "checkpoint_s": sum(r["checkpoint_s"] or 0.0 for r in rows),
+            "sensitivity_wall_s": sensitivity_wall_s,
+            "share": 1.0 - busy / capacity if capacity > 0 else math.nan,
+            "trial_share": 1.0 - busy / trial_wall if trial_wall > 0 else math.nan}
+
+
+# ---- one phase = one Tune experiment ---------------------------------------------------------------
+def _reconcile(experiment_path: str, ctx: RowContext, writer: ResultsWriter, storage: Storage) -> None:
+    """Rebuild every trial's rows from Tune's own per-trial logs; the writer skips rows already stored."""
+    analysis = ExperimentAnalysis(experiment_path, storage_filesystem=storage.fs if not storage.local else None)
+    for trial in analysis.trials:
+        log_path = f"{trial.path}/result.json"
+        fs = trial.storage.storage_filesystem if trial.storage else storage.fs
+        try:
+            with fs.open_input_stream(log_path) as fh:
+                lines = fh.read().decode().splitlines()
+        except (FileNotFoundError, OSError):
+            lines = []
+        results = [json.loads(line) for line in lines if line.strip()]
+        for r in results:
+            r.setdefault("config", trial.config)
+        error = trial.status == "ERROR"
+        finished = trial.status in ("TERMINATED", "ERROR")
+        rows = rows_from_trial_log(ctx, trial.trial_id, results, error=error, finished=finished)
+        for row in rows:
+            writer.put(row)
+
+
+def _run_phase(spec: SweepSpec, storage: Storage, phase: str, context: TrialContext, refs: dict[str, Any],
+               ctx: RowContext, *, searcher: Any, scheduler: Any, num_samples: int) -> dict[str, int]:
+    exp_name = f"{spec.name}-{phase}"
+    tune_root = storage.uri("tune")
+    path = f"{tune_root}/{exp_name}"
+    trainable = make_trainable(context, refs, spec.resources.as_dict())
+    writer = ResultsWriter.shared(storage, spec.name)
+    if Tuner.can_restore(path):
+        if not spec.resume:
+            raise ValueError(f"sweep {spec.name!r} already has a {phase} experiment at {path}; "
+                             "pass resume=True to continue it, or use a new sweep name")
+        logger.info("resuming the %s phase from %s", phase, path)
+        tuner = Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = Tuner(
+            trainable,
+            tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                   max_concurrent_trials=spec.max_concurrent, reuse_actors=spec.reuse_actors,
+                                   trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=RunConfig(name=exp_name, storage_path=tune_root, callbacks=[ResultsCallback(storage.root, ctx)],
+                                 failure_config=FailureConfig(max_failures=spec.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2), verbose=0),
+        )
+    grid = tuner.fit()
+    _reconcile(grid.experiment_path, ctx, writer, storage)
+    writer.flush()
+    counts: dict[str, int] = {}
+    for r in grid:
+        status = "error" if r.error else "ok"
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def trial_name(trial: Any) -> str:
+    """Short, stable trial names and directories (Tune's default packs the whole config into them)."""
+    cfg = trial.config
+    return f"{cfg.get('task', 'task')}-{cfg.get('label') or cfg.get('method', 'run')}-{trial.trial_id}"
+
+
+def _sweep_exists(storage: Storage, name: str) -> bool:
+    return storage.exists(storage.path("sweeps", name, "spec.json"))
+
+
+def run_sweep(spec: SweepSpec) -> SweepResult:
+    """Run (or resume) a whole sweep; see the module docstring. Returns the summary, also saved as JSON."""
+    started = time.perf_counter()
+    storage = Storage.of(spec.storage)
+    if _sweep_exists(storage, spec.name) and not spec.resume:
+        raise ValueError(f"sweep {spec.name!r} already exists under {storage.root}; pass resume=True to continue "
+                         "it, or use a new sweep name")
+    storage.write_bytes(storage.path("sweeps", spec.name, "spec.json"),
+                        json.dumps(spec.to_dict(), indent=1, default=str).encode())
+    with ray_session(spec.address):
+        store = get_store(storage.root, num_gpus=spec.sensitivity.num_gpus, num_cpus=spec.sensitivity.num_cpus)
+        requests = {t: SensitivityRequest(TaskRef(spec.suite, t, spec.data_root, spec.img_size), spec.backbone,
+                                          split=spec.sensitivity.split, num_batches=spec.sensitivity.num_batches,
+                                          batch_size=spec.sensitivity.batch_size, seed=spec.sensitivity.seed)
+                    for t in spec.tasks}
+        needs = RankingNeeds(spec.space, margin=spec.sensitivity.ranking_margin)
+        t0 = time.perf_counter()
+        handles = fetch_rankings(store, requests, {t: needs for t in spec.tasks})
+        sensitivity_wall = time.perf_counter() - t0
+        refs = {t: h.ref for t, h in handles.items()}
+        first = handles[spec.tasks[0]]
+        keys = tuple((t, h.key) for t, h in handles.items())
+        rankings_meta = {t: {"key": h.key, "nbytes": h.nbytes} for t, h in handles.items()}
+
+        def context(phase: str) -> tuple[TrialContext, RowContext]:
+            recipe = spec.train if phase == "search" else spec.final_recipe
+            tc = TrialContext(phase, spec.suite, spec.data_root, spec.backbone, recipe.to_dict(), spec.img_size,
+                              spec.num_workers, rankings_meta, storage.root, requests, needs)
+            rc = RowContext(spec.name, phase, spec.suite, spec.backbone.name, first.key_fields["backbone_hash"], keys)
+            return tc, rc
+
+        trials: dict[str, dict[str, int]] = {}
+        # phase 1: search (validation only)
+        spaces = {t: spec.space.resolve(h.total_params) for t, h in handles.items()}
+        fixed = fixed_configs(spec.baselines, lr=spec.train.lr, weight_decay=spec.train.weight_decay,
+                              bits=spec.space.bits)
+        searcher = PerTaskSearcher(spaces, spec.num_samples, seed=spec.seed, multi_objective=spec.multi_objective,
+                                   fixed=fixed)
+        use_asha = spec.scheduler.kind == "asha" and not spec.multi_objective
+        scheduler = PerTaskScheduler(spec.train.epochs, spec.scheduler.grace_period,
+                                     spec.scheduler.reduction_factor) if use_asha else None
+        tc, rc = context("search")
+        trials["search"] = _run_phase(spec, storage, "search", tc, refs, rc, searcher=searcher, scheduler=scheduler,
+                                      num_samples=spec.search_samples)
+        table = read_results(storage, spec.name)
+        best = select_best(table)
+        missing = [t for t in spec.tasks if t not in best and spec.num_samples > 0]
+        if missing:
+            logger.warning("no searched trial of %s completed all epochs; their final phase has baselines only",
+                           missing)
+
+        # phase 2: final (retrain on train800val200 with several seeds, test once)
+        if spec.run_final:
+            runs = final_configs(spec, best)
+            tc, rc = context("final")
+            trials["final"] = _run_phase(spec, storage, "final", tc, refs, rc, searcher=FixedSearcher(runs),
+                                         scheduler=None, num_samples=len(runs))
+            table = read_results(storage, spec.name)
+        store_stats = ray.get(store.stats.remote())
+        store_stats.pop("events", None)
+        slots = trial_slots(spec)
+    wall = time.perf_counter() - started
+    result = SweepResult(
+        name=spec.name, storage=storage.root, results_path=storage.uri("results", f"sweep={spec.name}"),
+        best=best, final=summarize_final(table) if spec.run_final else {}, pareto=pareto_front(table),
+        sensitivity={t: _sensitivity_summary(h) for t, h in handles.items()},
+        overhead=measure_overhead(table, wall, slots, sensitivity_wall), store_stats=store_stats, trials=trials)
+    storage.write_bytes(storage.path("sweeps", spec.name, "result.json"),
+                        json.dumps(result.to_dict(), indent=1, default=str).encode())
+    return result
+
+
+def _sensitivity_summary(h: RankingHandle) -> dict[str, Any]:
+    return {"key": h.key, "source": h.source, "k": h.k, "num_entries": h.num_entries, "ranking_bytes": h.nbytes,
+            "full_map_bytes": h.full_map_bytes, "ranking_share": h.nbytes / h.full_map_bytes,
+            "sensitivity_s": h.sensitivity_s, "object": h.ref.hex()}
+

@@ -1,0 +1,246 @@
+"""Search across tasks inside ONE Tune experiment, with a separate Optuna study per task.
+
+Why one experiment: one cluster-wide queue of trials (no idle slots while one task's search winds down),
+one place for resume, one results stream. Why a study per task: hyper-parameters that work for one task
+say little about another (budgets, learning rates and accuracy scales differ), so every task gets its
+own seeded sampler and its own early stopping.
+
+* `PerTaskSearcher` (a Tune `Searcher`) owns one `OptunaSearch` per task (seeded TPE, or NSGA-II when
+  multi-objective), suggests round-robin over the tasks that still have trials to run, adds `task` to
+  the config, and routes `on_trial_result` / `on_trial_complete` by trial id to that task's study.
+  Baselines are fixed configurations handed out first and never told to any study. Its whole state
+  (studies, remaining counts, trial -> task map) is saved and restored by `save` / `restore`, which
+  Tune calls on every experiment checkpoint and on `Tuner.restore`.
+* `PerTaskScheduler` keeps one ASHA per task (accuracy scales differ: a global ASHA would stop every
+  trial of a hard task). Fixed (baseline) trials are never stopped early.
+* `FixedSearcher` hands out a fixed list of configurations (the final phase), resumable the same way.
+
+How ASHA-stopped trials reach Optuna (the caveat of OptunaSearch: it would tell Optuna such a trial is
+COMPLETE with its truncated value, which biases TPE towards configurations that look good early):
+a trial that ASHA stops before its last epoch is told to its study as PRUNED. Optuna records the last
+intermediate value as its value (every epoch's val_acc was reported to the study as an intermediate
+value), and TPE ranks pruned trials after every completed trial, by how far they got and then by that
+value. So a stopped trial still informs the sampler (it was bad relative to the ones that went on) but
+never competes with a configuration that was trained to the end. Only trials that ran all their epochs
+are COMPLETE; a trial that raised is FAIL. In multi-objective mode (val_acc max, trainable_params min,
+NSGA-II) there is no ASHA (it takes one metric), every trial runs to the end and is COMPLETE with both
+values, and each task's Pareto front comes from its completed trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from .space import ResolvedSpace
+
+logger = logging.getLogger(__name__)
+
+METRIC, MODE = "val_acc", "max"
+MO_METRICS, MO_MODES = ["val_acc", "trainable_params"], ["max", "min"]
+
+
+def task_seed(seed: int, task: str) -> int:
+    """A per-task sampler seed that does not change when other tasks are added or reordered."""
+    return (int(seed) * 1_000_003 + zlib.crc32(task.encode())) % (2**31 - 1)
+
+
+def reached_end(result: dict[str, Any] | None) -> bool:
+    return bool(result) and result.get("epoch") is not None and result.get("epochs") is not None \
+        and result["epoch"] >= result["epochs"]
+
+
+class PerTaskSearcher(Searcher):
+    """One Optuna study per task inside one Tune experiment; see the module docstring."""
+
+    def __init__(self, spaces: dict[str, ResolvedSpace], num_samples: int, *, seed: int = 0,
+                 multi_objective: bool = False, fixed: Sequence[dict[str, Any]] = (),
+                 n_startup_trials: int | None = None):
+        super().__init__(metric=METRIC, mode=MODE)
+        if not spaces:
+            raise ValueError("PerTaskSearcher needs at least one task")
+        self.tasks = list(spaces)
+        self.multi_objective = multi_objective
+        self.studies: dict[str, OptunaSearch] = {}
+        for task, space in spaces.items():
+            s = task_seed(seed, task)
+            if multi_objective:
+                sampler = optuna.samplers.NSGAIISampler(seed=s, population_size=max(4, min(50, num_samples // 2)))
+                self.studies[task] = OptunaSearch(space, metric=list(MO_METRICS), mode=list(MO_MODES),
+                                                  sampler=sampler, study_name=f"spt-{task}")
+            else:
+                startup = n_startup_trials if n_startup_trials is not None else max(2, min(10, num_samples // 3))
+                sampler = optuna.samplers.TPESampler(seed=s, n_startup_trials=startup)
+                self.studies[task] = OptunaSearch(space, metric=METRIC, mode=MODE, sampler=sampler,
+                                                  study_name=f"spt-{task}")
+        self.remaining = {t: int(num_samples) for t in self.tasks}
+        self.pending_fixed = [(t, dict(c)) for t in self.tasks for c in fixed]
+        self.trial_task: dict[str, str] = {}  # trial id -> task (searched trials)
+        self.fixed_trials: set[str] = set()
+        self.told: dict[str, str] = {}  # trial id -> state told to its study
+        self.cursor = 0
+
+    # ---- Tune's Searcher interface ---------------------------------------------------------------
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True  # the spaces and metrics are fixed at construction
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.pending_fixed:
+            task, cfg = self.pending_fixed.pop(0)
+            self.fixed_trials.add(trial_id)
+            return {**cfg, "task": task, "searched": False}
+        for step in range(len(self.tasks)):
+            task = self.tasks[(self.cursor + step) % len(self.tasks)]
+            if self.remaining[task] > 0:
+                self.cursor = (self.cursor + step + 1) % len(self.tasks)
+                params = self.studies[task].suggest(trial_id)
+                self.remaining[task] -= 1
+                self.trial_task[trial_id] = task
+                return {**params, "task": task, "searched": True}
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        task = self.trial_task.get(trial_id)
+        if task is not None and not self.multi_objective and METRIC in result:
+            self.studies[task].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        task = self.trial_task.get(trial_id)
+        if task is None or trial_id in self.told:
+            return
+        study = self.studies[task]
+        if error:
+            study.on_trial_complete(trial_id, None, error=True)
+            self.told[trial_id] = "FAIL"
+        elif reached_end(result):
+            study.on_trial_complete(trial_id, result)
+            self.told[trial_id] = "COMPLETE"
+        else:  # stopped early by the scheduler: PRUNED, valued at its last intermediate val_acc
+            study.on_trial_complete(trial_id, None, error=False)
+            self.told[trial_id] = "PRUNED"
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.get_state(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.set_state(pickle.load(fh))
+
+    # ---- introspection ---------------------------------------------------------------------------
+    def study(self, task: str) -> optuna.Study:
+        return self.studies[task]._ot_study
+
+    def trial_states(self, task: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.study(task).trials:
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        return counts
+
+
+class FixedSearcher(Searcher):
+    """Hands out `configs` in order, then FINISHED; resumable (the index is its state)."""
+
+    def __init__(self, configs: Sequence[dict[str, Any]]):
+        super().__init__(metric=None, mode=None)
+        self.configs = [dict(c) for c in configs]
+        self.next_index = 0
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.next_index >= len(self.configs):
+            return Searcher.FINISHED
+        self.next_index += 1
+        return dict(self.configs[self.next_index - 1])
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        pass
+
+    def get_state(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.get_state(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.set_state(pickle.load(fh))
+
+
+class PerTaskScheduler(FIFOScheduler):
+    """One ASHA per task (by `config["task"]`) on val_acc over epochs; `searched: False` trials always go on.
+
+    ASHA's rungs are not part of Tune's experiment checkpoint: after `Tuner.restore` every task's ASHA
+    starts with empty rungs and the restored trials rejoin them as they report.
+    """
+
+    def __init__(self, max_t: int, grace_period: int = 1, reduction_factor: float = 2.0):
+        super().__init__()
+        self.max_t, self.grace_period, self.reduction_factor = max_t, min(grace_period, max_t), reduction_factor
+        self.per_task: dict[str, AsyncHyperBandScheduler] = {}
+        self.members: dict[str, str] = {}  # trial id -> task, for trials under an ASHA
+        self._metric, self._mode = METRIC, MODE
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True
+
+    def _asha(self, trial: Any) -> AsyncHyperBandScheduler | None:
+        if not trial.config.get("searched", True):
+            return None
+        task = trial.config["task"]
+        if task not in self.per_task:
+            self.per_task[task] = AsyncHyperBandScheduler(
+                time_attr="epoch", metric=METRIC, mode=MODE, max_t=self.max_t, grace_period=self.grace_period,
+                reduction_factor=self.reduction_factor, stop_last_trials=False)
+        if trial.trial_id not in self.members:
+            self.per_task[task].on_trial_add(None, trial)
+            self.members[trial.trial_id] = task
+        return self.per_task[task]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._asha(trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        asha = self._asha(trial)
+        if asha is None:
+            return TrialScheduler.CONTINUE
+        return asha.on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        asha = self._asha(trial)
+        if asha is not None:
+            asha.on_trial_complete(tune_controller, trial, result)
+            self.members.pop(trial.trial_id, None)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        task = self.members.pop(trial.trial_id, None)
+        if task is not None:
+            self.per_task[task].on_trial_remove(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self.on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "PerTaskScheduler(ASHA per task: " + ", ".join(
+            f"{t}: stopped {a._num_stopped}" for t, a in self.per_task.items()) + ")"

@@ -1,0 +1,176 @@
+"""The search space of a sweep, declared in ONE place (`SearchSpace`) and overridable by the sweep spec.
+
+A `SearchSpace` holds the ranges; `resolve(total_params)` turns a budget given as a fraction of the
+backbone's parameters into absolute counts and gives a `ResolvedSpace`, which is both
+
+* the define-by-run function Optuna samples from (`space(trial) -> config`), and
+* the source of the extreme corners (`corners()`) the sensitivity store uses to decide how many top
+  entries of the ranking a trial can ever need, so the object store only carries that prefix.
+
+Searched methods are SPT's (`spt-lora`, `spt-adapter`); baselines are fixed configurations run for
+comparison (`fixed_configs`), never sampled, so they never enter an Optuna study.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .validate import check_keys
+
+SPT_METHODS = ("spt-lora", "spt-adapter")
+BASELINE_METHODS = ("linear", "full", "bitfit", "lora", "adapter")
+STRUCTURED_OF = {"spt-lora": "lora", "spt-adapter": "adapter"}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range sampled on a log scale (every searched number here spans decades)."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low <= self.high:
+            raise ValueError(f"a log range needs 0 < low <= high, got [{self.low}, {self.high}]")
+
+    @classmethod
+    def parse(cls, value: Any, what: str) -> "Range":
+        if isinstance(value, Range):
+            return value
+        if isinstance(value, dict):
+            check_keys(value, ("low", "high"), what)
+            return cls(float(value["low"]), float(value["high"]))
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            return cls(float(value[0]), float(value[1]))
+        raise ValueError(f"{what}: expected [low, high] or {{low:, high:}}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges of every searched hyper-parameter, SPT's defaults for the embedded mini backbone.
+
+    budget: trainable parameters (head excluded); `budget_unit` "fraction" means a share of the
+    backbone's parameters (0.05%..1.2% by default, right for the mini ViT), "params" an absolute count
+    (e.g. 5e4..1e6 for ViT-B/16, SPT's 0.05M..1.0M). alpha: SPT's structured-switch divisor. rank: LoRA /
+    Adapter rank. lr, weight_decay: AdamW. bits: adapter quantization (None = float), fixed per sweep.
+    """
+
+    methods: tuple[str, ...] = SPT_METHODS
+    budget: Range = Range(0.0005, 0.012)
+    budget_unit: str = "fraction"
+    alpha: Range = Range(2.0, 40.0)
+    rank: tuple[int, ...] = (4, 8, 16)
+    lr: Range = Range(1e-4, 1e-2)
+    weight_decay: Range = Range(1e-5, 1e-2)
+    bits: int | None = None
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in SPT_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"searched methods must be a non-empty subset of {SPT_METHODS}, got {list(self.methods)}; "
+                             f"baselines {BASELINE_METHODS} go in `baselines` (fixed configs, not searched)")
+        if self.budget_unit not in ("fraction", "params"):
+            raise ValueError(f"budget_unit must be 'fraction' or 'params', got {self.budget_unit!r}")
+        if self.budget_unit == "fraction" and self.budget.high >= 1:
+            raise ValueError(f"a fractional budget must stay below 1, got {self.budget.high}")
+        if not self.rank or any(int(r) != r or r < 1 for r in self.rank):
+            raise ValueError(f"ranks must be integers >= 1, got {list(self.rank)}")
+        if self.bits not in (None, 1, 2):
+            raise ValueError(f"bits must be 1, 2 or null, got {self.bits}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, base: "SearchSpace | None" = None) -> "SearchSpace":
+        """Override `base` (the defaults) with the keys given; unknown keys are an error."""
+        base = base or cls()
+        if not data:
+            return base
+        check_keys(data, [f.name for f in fields(cls)], "search space")
+        updates: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ("budget", "alpha", "lr", "weight_decay"):
+                updates[key] = Range.parse(value, f"search space `{key}`")
+            elif key in ("methods", "rank"):
+                updates[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+            else:
+                updates[key] = value
+        return replace(base, **updates)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def resolve(self, total_params: int) -> "ResolvedSpace":
+        """Absolute budget bounds for a backbone with `total_params` (head excluded) parameters."""
+        if self.budget_unit == "fraction":
+            low, high = (max(1, round(f * total_params)) for f in (self.budget.low, self.budget.high))
+        else:
+            low, high = int(self.budget.low), int(self.budget.high)
+        if high > total_params:
+            raise ValueError(f"the maximum budget {high:,} exceeds the backbone's {total_params:,} parameters")
+        return ResolvedSpace(self, int(low), int(high))
+
+
+@dataclass(frozen=True)
+class ResolvedSpace:
+    """A SearchSpace with absolute budget bounds: Optuna's define-by-run function (picklable)."""
+
+    space: SearchSpace
+    budget_low: int
+    budget_high: int
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        s = self.space
+        out = {
+            "method": trial.suggest_categorical("method", list(s.methods)),
+            "budget": trial.suggest_int("budget", self.budget_low, self.budget_high, log=True),
+            "alpha": trial.suggest_float("alpha", s.alpha.low, s.alpha.high, log=True),
+            "rank": trial.suggest_categorical("rank", list(s.rank)),
+            "lr": trial.suggest_float("lr", s.lr.low, s.lr.high, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", s.weight_decay.low, s.weight_decay.high, log=True),
+        }
+        return {**out, "bits": s.bits}  # fixed per sweep: returned, not sampled
+
+    def corners(self, alpha_points: int = 5) -> list[dict[str, Any]]:
+        """Allocation settings that bound how deep into the ranking any sampled trial can reach.
+
+        The maximum budget with every structured type and rank, and alpha at both ends of its range plus
+        geometric points between them (the top-k count is not monotone in alpha, so ends alone can miss).
+        """
+        a = self.space.alpha
+        alphas = [a.low * (a.high / a.low) ** (i / (alpha_points - 1)) for i in range(alpha_points)] \
+            if a.high > a.low else [a.low]
+        return [{"structured": STRUCTURED_OF[m], "rank": int(r), "alpha": float(al), "budget": self.budget_high}
+                for m in self.space.methods for r in self.space.rank for al in alphas]
+
+
+@dataclass(frozen=True)
+class RankingNeeds:
+    """What the sensitivity store must keep of a ranking: enough top entries for any point of `space`.
+
+    The store resolves the space against the backbone (fractional budgets need its parameter count),
+    finds the deepest top-k over the corners, and keeps that times `margin` plus `slack` entries so
+    interior points, whose depth the corners do not bound exactly, still fit.
+    """
+
+    space: SearchSpace = SearchSpace()
+    margin: float = 1.25
+    slack: int = 256
+    beta: float = 5.0
+    alpha_points: int = 5
+
+    def corner_dicts(self, total_params: int) -> list[dict[str, Any]]:
+        return self.space.resolve(total_params).corners(self.alpha_points)
+
+
+def fixed_configs(baselines: tuple[str, ...], *, lr: float, weight_decay: float, rank: int = 8,
+                  bits: int | None = None) -> list[dict[str, Any]]:
+    """One fixed configuration per baseline (the reference recipe's lr / weight decay, rank 8)."""
+    bad = [b for b in baselines if b not in BASELINE_METHODS]
+    if bad:
+        raise ValueError(f"unknown baselines {bad}; choose from {BASELINE_METHODS}")
+    return [{"method": b, "budget": None, "alpha": None, "rank": rank if b in ("lora", "adapter") else None,
+             "lr": lr, "weight_decay": weight_decay, "bits": bits} for b in baselines]
+
+
+__all__ = ["BASELINE_METHODS", "RankingNeeds", "Range", "ResolvedSpace", "SPT_METHODS", "SearchSpace",
+           "fixed_configs"]

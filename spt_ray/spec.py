@@ -1,0 +1,224 @@
+"""SweepSpec: everything one sweep needs, validated, constructible from a plain dict or a YAML file.
+
+`sweeps/*.py` and the CLI build a SweepSpec and call `spt_ray.run_sweep(spec)`; nothing else in spt_ray
+reads user input, so every check (unknown keys, ranges, names that must be safe as Parquet partitions)
+lives here and fails before Ray starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from spt_core.experiment import BackboneRef
+from spt_core.train import TrainConfig
+
+from .space import BASELINE_METHODS, SearchSpace
+from .validate import check_keys
+
+DEFAULT_FINAL_SEEDS = (42, 44, 82, 100, 800)
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # safe as a directory and a hive partition value
+SUITES = ("mini", "vtab", "fgvc")
+
+
+def _safe_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not SAFE_NAME.match(value):
+        raise ValueError(f"{what} {value!r} must match {SAFE_NAME.pattern} (it names directories and partitions)")
+    return value
+
+
+@dataclass(frozen=True)
+class SensitivitySpec:
+    """How the per-task sensitivity map is computed (part of its storage key) and where it runs.
+
+    num_gpus / num_cpus are the Ray resources of the one-off computation task (a GPU if there is one);
+    ranking_margin is the safety factor on the deepest top-k the search space can need.
+    """
+
+    split: str | None = None  # None: the suite's own (train800 for VTAB-style suites, train for FGVC)
+    num_batches: int = 16
+    batch_size: int = 32
+    seed: int = 0
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    ranking_margin: float = 1.25
+
+    def __post_init__(self) -> None:
+        if self.num_batches < 1 or self.batch_size < 1:
+            raise ValueError("sensitivity num_batches and batch_size must be >= 1")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ValueError("sensitivity num_gpus and num_cpus must be >= 0")
+        if self.ranking_margin < 1:
+            raise ValueError(f"ranking_margin must be >= 1, got {self.ranking_margin}")
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """Early stopping for single-objective search: per-task ASHA on val_acc (or none: "fifo")."""
+
+    kind: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("asha", "fifo"):
+            raise ValueError(f"scheduler kind must be 'asha' or 'fifo', got {self.kind!r}")
+        if self.grace_period < 1 or self.reduction_factor <= 1:
+            raise ValueError("ASHA needs grace_period >= 1 and reduction_factor > 1")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Ray resources of one trial; fractional GPUs pack several small trials onto one device."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+    custom: dict[str, float] = field(default_factory=dict)  # e.g. {"accelerator_type:H100": 0.01}
+
+    def __post_init__(self) -> None:
+        if any(v < 0 for v in self.custom.values()):
+            raise ValueError(f"custom resources must be >= 0, got {self.custom}")
+        if self.cpu <= 0 or self.gpu < 0:
+            raise ValueError(f"a trial needs cpu > 0 and gpu >= 0, got cpu={self.cpu}, gpu={self.gpu}")
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise ValueError(f"more than one GPU must be a whole number, got {self.gpu}")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"cpu": self.cpu, "gpu": self.gpu, **self.custom}
+
+
+def _train_config(data: dict[str, Any] | TrainConfig | None, what: str, base: TrainConfig | None = None) -> TrainConfig:
+    if isinstance(data, TrainConfig):
+        return data
+    check_keys(data or {}, [f.name for f in fields(TrainConfig)], what)
+    return TrainConfig(**{**(base.to_dict() if base else {}), **(data or {})})
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """One sweep: search per task (train800 -> val200), then the final retraining with several seeds.
+
+    `train` is the recipe of search trials (its lr / weight_decay are what baselines use; searched
+    trials sample their own); `final_train` (default: `train`) is the recipe of the final phase.
+    `num_samples` is per task. `address`: None attaches to a running cluster if there is one on this
+    machine and otherwise starts Ray locally; "local" always starts a fresh local Ray; anything else
+    ("auto", "ray://host:10001", "host:6379") attaches.
+    """
+
+    name: str
+    data_root: str
+    storage: str
+    tasks: tuple[str, ...]
+    suite: str = "mini"
+    backbone: BackboneRef = field(default_factory=BackboneRef)
+    img_size: int | None = None
+    num_samples: int = 8
+    space: SearchSpace = field(default_factory=SearchSpace)
+    baselines: tuple[str, ...] = ()
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    seed: int = 0
+    max_concurrent: int = 2
+    resources: Resources = field(default_factory=Resources)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    final_train: TrainConfig | None = None
+    final_seeds: tuple[int, ...] = DEFAULT_FINAL_SEEDS
+    run_final: bool = True
+    multi_objective: bool = False
+    resume: bool = False
+    address: str | None = None
+    sensitivity: SensitivitySpec = field(default_factory=SensitivitySpec)
+    num_workers: int = 0
+    max_failures: int = 2
+    reuse_actors: bool = True
+
+    def __post_init__(self) -> None:
+        _safe_name(self.name, "sweep name")
+        if self.suite not in SUITES:
+            raise ValueError(f"suite must be one of {SUITES}, got {self.suite!r}")
+        if not self.tasks:
+            raise ValueError("a sweep needs at least one task")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be unique, got {list(self.tasks)}")
+        for t in self.tasks:
+            _safe_name(t, "task")
+        if not self.data_root or not self.storage:
+            raise ValueError("data_root and storage are required")
+        bad = [b for b in self.baselines if b not in BASELINE_METHODS]
+        if bad:
+            raise ValueError(f"unknown baselines {bad}; choose from {BASELINE_METHODS}")
+        if self.num_samples < 0 or (self.num_samples == 0 and not self.baselines):
+            raise ValueError("num_samples must be >= 1 (or 0 with baselines only)")
+        if self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        if self.run_final and not self.final_seeds:
+            raise ValueError("the final phase needs at least one seed (or run_final: false)")
+        if self.max_failures < 0 or self.num_workers < 0:
+            raise ValueError("max_failures and num_workers must be >= 0")
+        if self.img_size is not None and self.img_size < 8:
+            raise ValueError(f"img_size must be >= 8, got {self.img_size}")
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SweepSpec":
+        """Build from plain values (YAML / JSON / CLI); unknown keys anywhere are a clear error."""
+        data = dict(data)
+        check_keys(data, [f.name for f in fields(cls)], "sweep spec")
+        nested: dict[str, Any] = {}
+        if "backbone" in data:
+            b = data.pop("backbone")
+            if isinstance(b, str):
+                b = {"name": b}
+            if not isinstance(b, BackboneRef):
+                check_keys(b, [f.name for f in fields(BackboneRef)], "sweep spec `backbone`")
+                b = BackboneRef(**b)
+            nested["backbone"] = b
+        if "space" in data:
+            s = data.pop("space")
+            nested["space"] = s if isinstance(s, SearchSpace) else SearchSpace.from_dict(s)
+        for key, kind in (("scheduler", SchedulerSpec), ("resources", Resources), ("sensitivity", SensitivitySpec)):
+            if key in data:
+                v = data.pop(key)
+                if not isinstance(v, kind):
+                    check_keys(v or {}, [f.name for f in fields(kind)], f"sweep spec `{key}`")
+                    v = kind(**(v or {}))
+                nested[key] = v
+        train = _train_config(data.pop("train", None), "sweep spec `train`")
+        nested["train"] = train
+        if data.get("final_train") is not None:
+            nested["final_train"] = _train_config(data.pop("final_train"), "sweep spec `final_train`", base=train)
+        for key in ("tasks", "baselines", "final_seeds"):
+            if key in data:
+                v = data.pop(key)
+                nested[key] = tuple(v.split(",")) if isinstance(v, str) else tuple(v)
+        missing = [k for k in ("name", "data_root", "storage", "tasks") if k not in data and k not in nested]
+        if missing:
+            raise ValueError(f"sweep spec: missing required key(s) {missing}")
+        return cls(**data, **nested)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SweepSpec":
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (round-trips through from_dict); recorded next to the sweep's results."""
+        out = asdict(self)
+        out["train"] = self.train.to_dict()
+        out["final_train"] = self.final_train.to_dict() if self.final_train else None
+        return out
+
+    def with_overrides(self, **changes: Any) -> "SweepSpec":
+        return replace(self, **changes)
+
+    # ---- derived ---------------------------------------------------------------------------------
+    @property
+    def final_recipe(self) -> TrainConfig:
+        return self.final_train or self.train
+
+    @property
+    def search_samples(self) -> int:
+        """Trials of the search experiment: searched ones plus one fixed trial per baseline, per task."""
+        return len(self.tasks) * (self.num_samples + len(self.baselines))

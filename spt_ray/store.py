@@ -1,0 +1,323 @@
+"""The sensitivity store: one detached, named Ray actor that hands every trial its task's ranking.
+
+Why an actor: a sensitivity map is the one expensive, shared input of a sweep (a pass over 512 images
+with the whole backbone unfrozen), and every trial of a task needs the same one. The store
+
+* computes a map at most once per key, as a Ray task that may claim a GPU, even when many trials ask
+  at the same moment (requests for one key wait on one per-key lock; the pending compute ObjectRef is
+  kept in `inflight` while it runs);
+* persists it under `<storage>/sensitivity/<key>/` (safetensors + JSON, then a manifest holding the
+  sha256 of both, each file written whole and renamed into place) so a later sweep, a resumed sweep or
+  a restarted actor reloads it instead of recomputing. A missing manifest, a checksum or a key mismatch
+  is logged and the map is recomputed;
+* `ray.put`s, from the actor itself, only what trials need: the global ranking truncated at the deepest
+  top-k any configuration of the search space can use (int32 ids + fp32 scores + the layout). Objects
+  are owned by their creator; put by a detached actor they outlive the driver, so a resumed driver or a
+  trial rescheduled on another node still reads them.
+
+The actor is pinned to the head node (node affinity on the head's node id) and takes no CPU, so it never
+competes with trials and dies only with the cluster. Heavy work (loading, verifying, sorting, the
+allocation search) runs in Ray tasks, not on the actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from spt_core.allocate import allocate
+from spt_core.experiment import BackboneRef, TaskRef, compute_task_sensitivity, sensitivity_key
+from spt_core.sensitivity import Ranking, SensitivityMap
+
+from .space import RankingNeeds
+from .storage import Storage
+
+logger = logging.getLogger(__name__)
+
+STORE_NAME = "spt-sensitivity-store"
+NAMESPACE = "spt-ray"
+MAP_FILE = "map.safetensors"
+LAYOUT_FILE = "map.safetensors.json"  # written by SensitivityMap.save next to the safetensors
+MANIFEST_FILE = "manifest.json"  # written last: its presence commits the entry
+FORMAT = "spt-sensitivity/1"
+
+
+@dataclass(frozen=True)
+class SensitivityRequest:
+    """Which map: everything that changes its values is part of the key (see spt_core sensitivity_key)."""
+
+    task: TaskRef
+    backbone: BackboneRef
+    split: str | None = None
+    num_batches: int = 16
+    batch_size: int = 32
+    seed: int = 0
+
+    def key_fields(self) -> dict[str, Any]:
+        return sensitivity_key(self.task, self.backbone, split=self.split, num_batches=self.num_batches,
+                               batch_size=self.batch_size, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class RankingHandle:
+    """What a caller gets: the ranking's ObjectRef plus what to record about it (no array data)."""
+
+    key: str
+    key_fields: dict[str, Any]
+    ref: ray.ObjectRef
+    k: int  # top entries held
+    num_entries: int  # entries in the full map
+    nbytes: int  # ids + scores in the object store
+    full_map_bytes: int  # the full fp32 map, for comparison
+    total_params: int  # backbone parameters, head excluded (what fractional budgets refer to)
+    sensitivity_s: float  # seconds the map took to compute (when it was computed)
+    source: str  # "computed" | "disk": how the store obtained the map for this ranking
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- persistence (runs inside Ray tasks) -------------------------------------------------------
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def entry_dir(storage: Storage, key: str) -> str:
+    return storage.path("sensitivity", key)
+
+
+def persist_map(storage: Storage, key_fields: dict[str, Any], smap: SensitivityMap) -> dict[str, Any]:
+    """Write the map, its layout JSON, then the manifest (checksums + key) that makes the entry valid."""
+    key = key_fields["key"]
+    d = entry_dir(storage, key)
+    with tempfile.TemporaryDirectory(prefix="spt-map-") as tmp:
+        smap.save(Path(tmp) / MAP_FILE)
+        blobs = {name: (Path(tmp) / name).read_bytes() for name in (MAP_FILE, LAYOUT_FILE)}
+    for name, data in blobs.items():
+        storage.write_bytes(f"{d}/{name}", data)
+    manifest = {"format": FORMAT, "key": key, "key_fields": key_fields,
+                "sha256": {name: sha256(data) for name, data in blobs.items()},
+                "bytes": {name: len(data) for name, data in blobs.items()},
+                "meta": smap.meta, "created_at": time.time(), "host": socket.gethostname()}
+    storage.write_bytes(f"{d}/{MANIFEST_FILE}", json.dumps(manifest, indent=1, default=str).encode())
+    return manifest
+
+
+class MapUnavailable(Exception):
+    """No valid map on disk for a key; `reason` is "missing", "corrupt" or "mismatch"."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def load_map(storage: Storage, key_fields: dict[str, Any]) -> SensitivityMap:
+    """The stored map for this key, verified against its manifest; MapUnavailable if absent or bad."""
+    key = key_fields["key"]
+    d = entry_dir(storage, key)
+    if not storage.exists(f"{d}/{MANIFEST_FILE}"):
+        raise MapUnavailable("missing", f"no stored sensitivity map for key {key}")
+    try:
+        manifest = json.loads(storage.read_bytes(f"{d}/{MANIFEST_FILE}"))
+    except (OSError, ValueError) as err:
+        raise MapUnavailable("corrupt", f"unreadable manifest for key {key}: {err}") from None
+    if manifest.get("format") != FORMAT or manifest.get("key") != key:
+        raise MapUnavailable("mismatch", f"manifest under {key} names key {manifest.get('key')!r}")
+    stored_fields = {k: v for k, v in manifest.get("key_fields", {}).items()}
+    if json.dumps(stored_fields, sort_keys=True, default=str) != json.dumps(key_fields, sort_keys=True, default=str):
+        raise MapUnavailable("mismatch", f"stored key fields differ from the request for key {key}")
+    blobs = {}
+    for name, digest in manifest.get("sha256", {}).items():
+        try:
+            data = storage.read_bytes(f"{d}/{name}")
+        except OSError as err:
+            raise MapUnavailable("corrupt", f"{name} of key {key} unreadable: {err}") from None
+        if sha256(data) != digest:
+            raise MapUnavailable("corrupt", f"{name} of key {key} fails its sha256 check")
+        blobs[name] = data
+    if set(blobs) != {MAP_FILE, LAYOUT_FILE}:
+        raise MapUnavailable("corrupt", f"manifest of key {key} does not cover {MAP_FILE} and {LAYOUT_FILE}")
+    with tempfile.TemporaryDirectory(prefix="spt-map-") as tmp:
+        for name, data in blobs.items():
+            (Path(tmp) / name).write_bytes(data)
+        try:
+            return SensitivityMap.load(Path(tmp) / MAP_FILE)
+        except Exception as err:  # a valid checksum over a file spt_core cannot read: treat as corrupt
+            raise MapUnavailable("corrupt", f"stored map of key {key} does not load: {err}") from None
+
+
+# ---- the ranking trials need --------------------------------------------------------------------
+def truncated_ranking(smap: SensitivityMap, needs: RankingNeeds) -> tuple[Ranking, dict[str, Any]]:
+    """The top of the global ranking, deep enough for every corner of the search space (+ margin).
+
+    For each corner (max budget x structured type x rank x alpha points) SPT's allocation is run on a
+    prefix of the ranking that grows until the allocation settles strictly inside it (the same rule
+    spt_core uses on a full map), so the corner's top-k is exact. The kept depth is the deepest corner's
+    top-k times `margin` plus `slack`.
+    """
+    start = time.perf_counter()
+    flat = smap.flat_scores()
+    n_all = flat.numel()
+    corners = needs.corner_dicts(smap.layout.total_params)
+    max_budget = max((c["budget"] for c in corners), default=0)
+    n = min(n_all, max(4096, 4 * max_budget))
+    while True:
+        prefix = Ranking.from_scores(flat, smap.layout, n)
+        try:
+            ks = [allocate(prefix, c["budget"], structured=c["structured"], rank=c["rank"], alpha=c["alpha"],
+                           beta=needs.beta).meta["num_top_entries"] for c in corners]
+            settled = not ks or max(ks) < n
+        except ValueError:
+            if n == n_all:
+                raise
+            settled = False
+        if settled or n == n_all:
+            break
+        n = min(n_all, 4 * n)
+    deepest = max(ks, default=0)
+    k = min(n_all, math.ceil(deepest * needs.margin) + needs.slack)
+    ranking = Ranking.from_scores(flat, smap.layout, k).compact()
+    ranking.meta.update(deepest_corner_k=deepest, corners=len(corners))
+    info = {"k": k, "deepest_corner_k": deepest, "num_entries": n_all, "derive_s": time.perf_counter() - start,
+            "nbytes": ranking.nbytes, "full_map_bytes": n_all * 4, "total_params": smap.layout.total_params}
+    return ranking, info
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def _rank_from_disk(storage: Storage, key_fields: dict[str, Any], needs: RankingNeeds):
+    """Load + verify the stored map and derive the ranking; ("ok", ranking, info) or ("unavailable", reason, msg)."""
+    try:
+        smap = load_map(storage, key_fields)
+    except MapUnavailable as err:
+        return "unavailable", err.reason, str(err)
+    ranking, info = truncated_ranking(smap, needs)
+    info["sensitivity_s"] = float(smap.meta.get("seconds", 0.0))
+    return "ok", ranking, info
+
+
+@ray.remote(max_retries=2)
+def _compute_and_rank(storage: Storage, key_fields: dict[str, Any], request: SensitivityRequest, needs: RankingNeeds):
+    """Compute the map (on a GPU when this task was given one), persist it, derive the ranking."""
+    os.environ.setdefault("SPT_NO_PROGRESS", "1")
+    start = time.perf_counter()
+    smap = compute_task_sensitivity(request.task, request.backbone, split=request.split,
+                                    num_batches=request.num_batches, batch_size=request.batch_size,
+                                    seed=request.seed, device="auto", progress=False)
+    seconds = time.perf_counter() - start
+    smap.meta.update(wall_s=seconds, node_id=ray.get_runtime_context().get_node_id(), host=socket.gethostname())
+    persist_map(storage, key_fields, smap)
+    ranking, info = truncated_ranking(smap, needs)
+    info["sensitivity_s"] = seconds
+    return "ok", ranking, info
+
+
+# ---- the actor ----------------------------------------------------------------------------------
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class SensitivityStore:
+    """See the module docstring. Async: many trials wait on one computation without blocking others."""
+
+    def __init__(self, storage: str, num_gpus: float = 0.0, num_cpus: float = 1.0):
+        self.storage = Storage.of(storage)
+        self.num_gpus, self.num_cpus = float(num_gpus), float(num_cpus)
+        self.counters: Counter[str] = Counter(computed=0, loaded_from_disk=0, served=0, invalid_on_disk=0)
+        self.handles: dict[tuple[str, RankingNeeds], RankingHandle] = {}
+        self.inflight: dict[str, ray.ObjectRef] = {}  # key -> pending compute task
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.events: list[dict[str, Any]] = []
+        self.started_at = time.time()
+
+    async def get_ranking(self, request: SensitivityRequest, needs: RankingNeeds) -> list[RankingHandle]:
+        """The handle (its `.ref` is the ranking's ObjectRef), wrapped in a list so callers get the ref."""
+        self.counters["served"] += 1
+        key_fields = await asyncio.to_thread(request.key_fields)
+        key = key_fields["key"]
+        async with self.locks.setdefault(key, asyncio.Lock()):
+            handle = self.handles.get((key, needs))
+            if handle is None:
+                handle = await self._materialize(key_fields, request, needs)
+                self.handles[(key, needs)] = handle
+        return [handle]
+
+    async def _materialize(self, key_fields: dict[str, Any], request: SensitivityRequest,
+                           needs: RankingNeeds) -> RankingHandle:
+        key = key_fields["key"]
+        status, *rest = await _rank_from_disk.options(num_cpus=self.num_cpus).remote(self.storage, key_fields, needs)
+        if status == "ok":
+            self.counters["loaded_from_disk"] += 1
+            source = "disk"
+        else:
+            reason, message = rest
+            if reason != "missing":
+                self.counters["invalid_on_disk"] += 1
+                logger.warning("sensitivity store: %s; recomputing", message)
+            self._event("invalid" if reason != "missing" else "missing", key, message=message)
+            ref = _compute_and_rank.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
+                self.storage, key_fields, request, needs)
+            self.inflight[key] = ref
+            try:
+                status, *rest = await ref
+            finally:
+                self.inflight.pop(key, None)
+            self.counters["computed"] += 1
+            source = "computed"
+        ranking, info = rest
+        ref = ray.put(ranking)  # owned by this detached actor: outlives any driver
+        self._event(source, key, k=info["k"], nbytes=info["nbytes"])
+        return RankingHandle(key, key_fields, ref, info["k"], info["num_entries"], info["nbytes"],
+                             info["full_map_bytes"], info["total_params"], info["sensitivity_s"], source, info)
+
+    def _event(self, kind: str, key: str, **extra: Any) -> None:
+        self.events.append({"kind": kind, "key": key, "time": time.time(), **extra})
+
+    def stats(self) -> dict[str, Any]:
+        """Counters (computed, loaded_from_disk, served, invalid_on_disk), in-flight keys and events."""
+        return {**self.counters, "inflight": sorted(self.inflight), "keys": sorted({k for k, _ in self.handles}),
+                "events": list(self.events), "started_at": self.started_at, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def forget(self) -> None:
+        """Drop the in-memory handles (the next request reloads from disk); for tests and `spt-ray` tools."""
+        self.handles.clear()
+
+
+def head_node_id() -> str | None:
+    """The node id of the cluster's head (Ray marks it with the `node:__internal_head__` resource)."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return None
+
+
+def get_store(storage: str | os.PathLike, *, num_gpus: float = 0.0, num_cpus: float = 1.0,
+              name: str = STORE_NAME) -> ray.actor.ActorHandle:
+    """The store actor of this cluster for `storage`, created (detached, on the head node) if needed.
+
+    One store per storage root: the actor name carries a hash of the root, so two sweeps writing to
+    different storages never share maps by accident.
+    """
+    root = Storage.of(storage).root
+    actor_name = f"{name}-{hashlib.sha256(root.encode()).hexdigest()[:10]}"
+    head = head_node_id()
+    options: dict[str, Any] = dict(name=actor_name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
+    if head is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=head, soft=False)
+    return SensitivityStore.options(**options).remote(root, num_gpus, num_cpus)
+
+
+def fetch_rankings(store: ray.actor.ActorHandle, requests: dict[str, SensitivityRequest],
+                   needs: dict[str, RankingNeeds]) -> dict[str, RankingHandle]:
+    """Ask the store for every task at once (the store runs their computations in parallel)."""
+    refs = {task: store.get_ranking.remote(req, needs[task]) for task, req in requests.items()}
+    return {task: ray.get(ref)[0] for task, ref in refs.items()}

@@ -1,0 +1,176 @@
+"""The Tune function trainable: ranking + trial config -> TuningPlan -> fresh backbone -> train -> report.
+
+Every epoch reports val_acc, val_loss, train_loss, trainable_params, storage_bytes, epoch and timings
+(setup_s, train_s, eval_s, checkpoint_s, wall_s, each per epoch and as `*_total` over the whole run,
+restarts included) with a Tune Checkpoint holding the plan parameters and optimizer state
+(`Trainer.save`, weights_only-safe) plus the run's running totals. A trial that Tune restarts (node
+loss, `Tuner.restore`) resumes from its last checkpoint: it rebuilds the same plan from the same
+ranking, loads the parameters and continues at the next epoch.
+
+The ranking arrives as an ObjectRef (one per task, in `rankings`, passed with `tune.with_parameters`):
+trials on any node read the one object the sensitivity store put, never recomputing or copying the
+full map. In the final phase the model trains on train800val200 and the test split is evaluated once,
+after the last epoch; search trials never touch the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+from ray.tune import Checkpoint
+
+from spt_core.experiment import BackboneRef, TaskRef, build_plan, prepare_run
+from spt_core.sensitivity import Ranking
+from spt_core.train import TrainConfig
+
+from .space import SPT_METHODS, RankingNeeds
+from .store import SensitivityRequest, get_store
+
+TOTALS_FILE = "run_totals.json"
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one phase shares (the per-trial choices are in the Tune config)."""
+
+    phase: str  # "search" | "final"
+    suite: str
+    data_root: str
+    backbone: BackboneRef
+    train: dict[str, Any]  # TrainConfig fields; lr / weight_decay / seed come from the trial config
+    img_size: int | None = None
+    num_workers: int = 0
+    rankings_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> key, nbytes
+    storage_root: str | None = None  # where the sensitivity store keeps maps (for the by-key fallback)
+    requests: dict[str, SensitivityRequest] = field(default_factory=dict)
+    needs: RankingNeeds | None = None
+
+    def __post_init__(self) -> None:
+        if self.phase not in ("search", "final"):
+            raise ValueError(f"phase must be 'search' or 'final', got {self.phase!r}")
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    def version(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "missing"
+
+    return {"spt_ray_version": version("spt-ray"), "torch_version": torch.__version__,
+            "timm_version": version("timm"), "ray_version": ray.__version__, "optuna_version": version("optuna")}
+
+
+def _threads() -> int:
+    """Torch threads = whole CPUs granted to this trial (at least one); fractional trials get one."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, int(cpus))
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return str(device)
+
+
+def fetch_ranking(context: TrialContext, rankings: dict[str, ray.ObjectRef], task: str) -> tuple[ray.ObjectRef, Ranking]:
+    """The task's ranking from the ref the driver passed; if its owner is gone (the store actor restarted
+    after the sweep started), a fresh ref from the store by key (it reloads the map from disk)."""
+    ref = rankings[task]
+    try:
+        return ref, ray.get(ref, timeout=600)
+    except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError, ray.exceptions.ObjectFetchTimedOutError):
+        if context.storage_root is None or task not in context.requests or context.needs is None:
+            raise
+    store = get_store(context.storage_root)
+    handle = ray.get(store.get_ranking.remote(context.requests[task], context.needs))[0]
+    return handle.ref, ray.get(handle.ref)
+
+
+def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[str, ray.ObjectRef]) -> None:
+    """Train one configuration; see the module docstring. Raises on a config the plan cannot satisfy."""
+    started = time.perf_counter()
+    os.environ["SPT_NO_PROGRESS"] = "1"
+    torch.set_num_threads(_threads())
+    task_name, method = config["task"], config["method"]
+    task = TaskRef(context.suite, task_name, context.data_root, context.img_size)
+    seed = int(config.get("seed", context.train.get("seed", 42)))
+
+    ranking_ref, ranking = fetch_ranking(context, rankings, task_name)
+    plan = build_plan(method, ranking if method in SPT_METHODS else ranking.layout, budget=config.get("budget"),
+                      alpha=float(config.get("alpha") or 10.0), rank=int(config.get("rank") or 8),
+                      bits=config.get("bits"))
+    if method in SPT_METHODS and ranking.truncated and plan.meta.get("num_top_entries", 0) >= ranking.ids.numel():
+        raise ValueError(f"the ranking of {task_name} holds {ranking.ids.numel():,} entries, which this config "
+                         "exhausts; raise sensitivity.ranking_margin")
+    cfg = TrainConfig(**{**context.train, "lr": float(config["lr"]), "weight_decay": float(config["weight_decay"]),
+                         "seed": seed})
+    trainer, train_loader, eval_loader = prepare_run(task, context.backbone, plan, cfg, phase=context.phase,
+                                                     seed=seed, num_workers=context.num_workers)
+
+    totals = {f"{k}_total": 0.0 for k in ("setup_s", "train_s", "eval_s", "checkpoint_s", "wall_s")}
+    restarts = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.load(d)
+            saved = json.loads((Path(d) / TOTALS_FILE).read_text())
+            totals.update(saved["totals"])
+            restarts = int(saved["restarts"]) + 1
+    setup_s = time.perf_counter() - started
+    totals["setup_s_total"] += setup_s
+    segment_start, wall_base = started, totals["wall_s_total"]
+    final = context.phase == "final"
+    static = {
+        "task": task_name, "method": method, "epochs": cfg.epochs, "seed": seed,
+        "trainable_params": plan.trainable_params, "storage_bytes": plan.storage_bytes,
+        "sensitivity_key": context.rankings_meta.get(task_name, {}).get("key"),
+        "ranking_object": ranking_ref.hex(), "ranking_bytes": ranking.nbytes, "restarts": restarts,
+        "host": socket.gethostname(), "device": _device_name(trainer.device),
+        "node_id": ray.get_runtime_context().get_node_id(), **package_versions(),
+    }
+
+    def on_epoch(metrics: dict[str, float]) -> bool:
+        out = {**static, "epoch": int(metrics["epoch"]), "train_loss": metrics["train_loss"],
+               "train_acc": metrics["train_acc"], "train_s": metrics["train_s"], "setup_s": setup_s}
+        if final:
+            out["eval_s"] = 0.0
+            if metrics["epoch"] >= cfg.epochs:  # the test split, once, after the last epoch
+                ev = trainer.evaluate(eval_loader)
+                out.update(test_acc=ev["acc"], test_loss=ev["loss"], eval_s=ev["eval_s"])
+        else:
+            out.update(val_acc=metrics["val_acc"], val_loss=metrics["val_loss"], eval_s=metrics["eval_s"])
+        totals["train_s_total"] += out["train_s"]
+        totals["eval_s_total"] += out["eval_s"]
+        with tempfile.TemporaryDirectory(prefix="spt-ckpt-") as tmp:
+            t0 = time.perf_counter()
+            trainer.save(tmp)
+            out["checkpoint_s"] = time.perf_counter() - t0
+            totals["checkpoint_s_total"] += out["checkpoint_s"]
+            out["wall_s"] = time.perf_counter() - segment_start
+            totals["wall_s_total"] = wall_base + out["wall_s"]
+            (Path(tmp) / TOTALS_FILE).write_text(json.dumps({"totals": totals, "restarts": restarts}))
+            tune.report({**out, **totals}, checkpoint=Checkpoint.from_directory(tmp))
+        return False
+
+    trainer.fit(train_loader, None if final else eval_loader, on_epoch=on_epoch)
+
+
+def make_trainable(context: TrialContext, rankings: dict[str, ray.ObjectRef], resources: dict[str, float]):
+    """The trainable Tune runs: the function with its shared inputs bound and its per-trial resources."""
+    bound = tune.with_parameters(spt_trainable, context=context, rankings=rankings)
+    return tune.with_resources(bound, resources)
