@@ -294,8 +294,9 @@ def _schema_message(label: str, exc: Any) -> ClusterConfigError:
         return _error(label, f"{_field(path + (name,))} is missing (Ray requires it)", f"add it; see {RAY_CONFIG_DOCS}")
     if validator == "type":
         expected = exc.validator_value if isinstance(exc.validator_value, str) else " or ".join(exc.validator_value)
-        return _error(label, f"{_field(path)} is {_short(instance)}, Ray expects {expected}",
-                      f"write it as {'a list' if expected == 'array' else 'a mapping' if expected == 'object' else 'a ' + expected}")
+        spelled = {"array": "a list", "object": "a mapping", "integer": "an integer", "string": "a string",
+                   "boolean": "true or false", "number": "a number"}.get(expected, expected)
+        return _error(label, f"{_field(path)} is {_short(instance)}, Ray expects {spelled}", f"write it as {spelled}")
     if validator == "minimum":
         return _error(label, f"{_field(path)} is {_short(instance)}, Ray expects >= {exc.validator_value}",
                       "use a larger value")
@@ -326,7 +327,6 @@ def _schema_precheck(raw: dict[str, Any], label: str) -> None:
 # Ray's own ValueErrors from validate_config, mapped to the field they are about.
 RAY_MESSAGES = (
     ("head_node_type", "head_node_type", "set head_node_type to one of the names under available_node_types"),
-    ("sum of `min_workers`", "max_workers", "raise max_workers to at least the sum of every node type's min_workers"),
     ("container & image", "docker", "give docker both `image` and `container_name`, or remove the docker section"),
 )
 
@@ -341,6 +341,11 @@ def _ray_prepare_and_validate(raw: dict[str, Any], label: str) -> dict[str, Any]
     import click
 
     _schema_precheck(raw, label)
+    node_types = raw.get("available_node_types") or {}
+    floor = sum(spec.get("min_workers", 0) for spec in node_types.values())
+    if floor > raw.get("max_workers", floor):
+        raise _error(label, f"max_workers is {raw['max_workers']} but the node types' min_workers add up to {floor}",
+                     "raise max_workers or lower a min_workers")
     with _quiet():
         try:
             prepared = prepare_config(copy.deepcopy(raw))
