@@ -56,6 +56,7 @@ class ReleasedAllocation:
     structured_params: int
     tuned_matrices: tuple[tuple[int, ...], ...]  # 12 x 6 of 0/1, columns as MATRIX_COLUMNS
     tuned_vectors: tuple[str, ...]
+    scored_tensors: tuple[str, ...]  # tensors left for sparse entries (neither structured nor whole)
     sparse: dict[str, np.ndarray]  # reference tensor name -> sorted flat row-major indices
     shapes: dict[str, tuple[int, ...]]  # reference tensor name -> shape, for tensors in `sparse`
 
@@ -139,12 +140,13 @@ def _tables(directory: str | os.PathLike | None) -> _Tables:
 
 @functools.lru_cache(maxsize=2)
 def _read_tables(path: str, stamp: tuple[int, ...]) -> _Tables:
-    plans = {_key(r): r for r in pq.read_table(Path(path) / PLANS_FILE).to_pylist()}
+    plans = {_key(r["structured"], r["task"], r["target_m"]): r
+             for r in pq.read_table(Path(path) / PLANS_FILE).to_pylist()}
     sparse = pq.read_table(Path(path) / SPARSE_FILE)
     keys = zip(*(sparse.column(c).to_pylist() for c in ("structured", "task", "target_m")))
     sparse_rows: dict[tuple[str, str, float], list[int]] = {}
     for i, key in enumerate(keys):
-        sparse_rows.setdefault(_key(dict(zip(("structured", "task", "target_m"), key))), []).append(i)
+        sparse_rows.setdefault(_key(*key), []).append(i)
     indices = sparse.column("indices").combine_chunks()
     offsets = indices.offsets.to_numpy()
     values = indices.values.to_numpy(zero_copy_only=False)
@@ -152,8 +154,8 @@ def _read_tables(path: str, stamp: tuple[int, ...]) -> _Tables:
                    offsets, values)
 
 
-def _key(row: dict) -> tuple[str, str, float]:
-    return str(row["structured"]), str(row["task"]), float(row["target_m"])
+def _key(structured: str, task: str, target_m: float) -> tuple[str, str, float]:
+    return str(structured), str(task), float(target_m)
 
 
 # ---- lookup -------------------------------------------------------------------------------------------
@@ -204,7 +206,8 @@ def released_allocation(task: str, target: float | int | str, structured: str = 
         structured=structured, task=task, target_m=match[0], total_params=int(row["total_params"]),
         sparse_params=int(row["sparse_params"]), structured_params=int(row["structured_params"]),
         tuned_matrices=tuple(tuple(int(x) for x in r) for r in row["tuned_matrices"]),
-        tuned_vectors=tuple(row["tuned_vectors"]), sparse=sparse, shapes=shapes,
+        tuned_vectors=tuple(row["tuned_vectors"]), scored_tensors=tuple(row["scored_tensors"]), sparse=sparse,
+        shapes=shapes,
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from spt_core import Ranking, SensitivityMap, TuningPlan, allocate, apply_plan, trainable_parameters
+from spt_core import ModelLayout, Ranking, SensitivityMap, TuningPlan, allocate, apply_plan, trainable_parameters
 from spt_core.compare import compare_allocations
 from spt_core.data.vtab import VTAB_TASKS
 from spt_core.released import (
@@ -62,13 +62,19 @@ def test_cifar_lora_04_matches_the_reference_example():
 
 
 @needs_data
-def test_tuned_matrix_cells_map_to_logical_matrices():
-    a = released_allocation("cifar", 1.0, "adapter")
-    plan = a.to_plan(vit_b16_layout(100))
-    expected = {f"blocks.{blk}.{MATRIX_COLUMNS[col]}" for blk in range(12) for col in range(6)
-                if a.tuned_matrices[blk][col]}
-    assert set(plan.of_kind("adapter")) == expected and expected
-    assert set(plan.of_kind("full")) == set(a.tuned_vectors) | {"cls_token"}
+def test_tuned_matrix_columns_agree_with_the_reference_tensor_lists(all_plans):
+    """Structured matrices, whole vectors and the reference's scored_tensors partition ViT-B's scored tensors:
+    a wrong column order in tuned_matrices would put a structured matrix among the scored ones."""
+    scored = {t.name for t in vit_b16_layout().scored}
+    for (structured, task, target), plan in all_plans.items():
+        a = released_allocation(task, target, structured)
+        matrices, vectors = set(plan.of_kind(structured)), set(plan.of_kind("full")) - {"cls_token"}
+        rest = set(a.scored_tensors)
+        assert not (matrices & rest or vectors & rest or matrices & vectors), (structured, task, target)
+        assert matrices | vectors | rest == scored and set(plan.of_kind("sparse")) <= rest
+    cifar = released_plan("cifar", 0.4, "lora")
+    assert {n for n in cifar.of_kind("lora") if n.startswith("blocks.0.")} == {
+        "blocks.0.attn.v.weight", "blocks.0.attn.proj.weight"}
 
 
 # ---- surgery on a timm ViT-B/16 ----------------------------------------------------------------------
@@ -137,8 +143,6 @@ def test_unknown_choices_list_the_valid_ones(args, listed):
 def test_wrong_backbone_layout_is_refused():
     with torch.device("meta"):
         small = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10)
-    from spt_core import ModelLayout
-
     with pytest.raises(ValueError, match="shape|lacks"):
         released_plan("svhn", 0.4, layout=ModelLayout.from_model(small))
 
