@@ -547,14 +547,16 @@ def validate_cluster_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return prepared
 
 
-def summarize_cluster_config(config: Mapping[str, Any]) -> str:
-    """`aws, head + 1 worker type, max workers 8` for a config returned by validate_cluster_config; the
-    CLI prints it as `OK: <file> (<summary>)`. A worker type is a node type that can be launched as a
-    worker: every non-head type, and the head's own type on a local cluster (one type for all)."""
+def summarize_cluster_config(config: Mapping[str, Any], path: str | os.PathLike[str] | None = None) -> str:
+    """One line about a config returned by validate_cluster_config, for `spt-ray cluster validate`:
+    `aws, head + 1 worker type, max workers 8`, or with `path` the CLI's whole answer,
+    `OK: cluster/cluster.yaml (aws, head + 1 worker type, max workers 8)`. A worker type is a node type
+    that can be launched as a worker: every non-head type, and on a local cluster the one type there is."""
     provider = (config.get("provider") or {}).get("type", "unknown")
     node_types: Mapping[str, Any] = config.get("available_node_types") or {}
     head = config.get("head_node_type")
     workers = [name for name, spec in node_types.items() if name != head or (spec or {}).get("max_workers", 0) > 0]
     count = len(workers)
-    return (f"{provider}, head + {count} worker type{'' if count == 1 else 's'}, "
-            f"max workers {config.get('max_workers', 0)}")
+    summary = (f"{provider}, head + {count} worker type{'' if count == 1 else 's'}, "
+               f"max workers {config.get('max_workers', 0)}")
+    return summary if path is None else f"OK: {os.fspath(path)} ({summary})"

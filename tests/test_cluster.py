@@ -44,6 +44,7 @@ def _error_for(path: Path) -> str:
 def test_shipped_configs_validate(path: Path, summary: str) -> None:
     config = validate_cluster_config(path)
     assert summarize_cluster_config(config) == summary
+    assert summarize_cluster_config(config, "c.yaml") == f"OK: c.yaml ({summary})"
     assert "cluster_synced_files" in config  # prepared by Ray, as `ray up` would
 
 
