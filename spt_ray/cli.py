@@ -109,7 +109,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         if args.task is None:
             raise UsageError("--task is required with --source released")
-        plan = released_plan(args.task, args.budget / 1e6, structured=args.structured)
+        plan = released_plan(args.task, args.budget, structured=args.structured)
     else:
         from spt_core import SensitivityMap
         from spt_core.experiment import build_plan
