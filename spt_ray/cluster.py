@@ -135,9 +135,9 @@ SECRET_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("Slack token", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}")),
     ("API key", re.compile(r"\bsk-[A-Za-z0-9_-]{20,}")),
 )
-# KEY=value (environment style) and --flag value / --flag=value with a secret-sounding name.
+# KEY=value (a shell assignment: no spaces around =) and --flag value / --flag=value with a secret-sounding name.
 SECRET_ASSIGNMENT = re.compile(
-    r"\b([A-Za-z0-9_]*(?:SECRET|PASSWORD|PASSWD|TOKEN|API_?KEY|ACCESS_KEY)[A-Za-z0-9_]*)\s*=\s*[\"']?([^\s\"'$;&|][^\s\"';&|]*)",
+    r"\b([A-Za-z0-9_]*(?:SECRET|PASSWORD|PASSWD|TOKEN|API_?KEY|ACCESS_KEY)[A-Za-z0-9_]*)=[\"']?([^\s\"'$;&|][^\s\"';&|]*)",
     re.IGNORECASE)
 SECRET_FLAG = re.compile(r"--([\w-]*(?:password|passwd|token|secret|api[-_]?key)[\w-]*)(?:=|\s+)[\"']?([^\s\"'$-][^\s\"']*)",
                          re.IGNORECASE)
@@ -212,6 +212,15 @@ def _check_provider(raw: dict[str, Any], label: str) -> str:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise _error(label, f"provider.type {kind!r} is not a Ray node provider{hint}",
                      f"use one of {', '.join(KNOWN_PROVIDERS)}")
+    node_types = raw.get("available_node_types")
+    if kind != "local" and isinstance(node_types, dict) and node_types:
+        head = raw.get("head_node_type")
+        names = ", ".join(map(str, node_types))
+        if head is None:
+            raise _error(label, "head_node_type is missing", f"set it to the node type of the head, one of: {names}")
+        if head not in node_types:
+            raise _error(label, f"head_node_type {_short(head)} is not one of available_node_types ({names})",
+                         "name one of those node types, or add it")
     if kind == "local":
         for name in LOCAL_ONLY_FIELDS:
             if raw.get(name):
@@ -355,7 +364,7 @@ def _ray_prepare_and_validate(raw: dict[str, Any], label: str) -> dict[str, Any]
         except click.ClickException as exc:  # cli_logger.abort()
             raise _error(label, f"Ray rejected it: {exc.format_message()}", f"see {RAY_CONFIG_DOCS}") from None
         except Exception as exc:  # noqa: BLE001 - Ray's helpers raise ValueError, AssertionError, KeyError, ...
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
             for needle, field, fix in RAY_MESSAGES:
                 if needle in message:
                     raise _error(label, f"{field}: {message}", fix) from None
