@@ -163,7 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_cluster_validate(args: argparse.Namespace) -> int:
     from spt_ray.cluster import summarize_cluster_config, validate_cluster_config
 
-    print(summarize_cluster_config(validate_cluster_config(args.file)))
+    print(summarize_cluster_config(validate_cluster_config(args.file), args.file))
     return 0
 
 
