@@ -70,10 +70,15 @@ def ray_cluster():
 
     Short temp dir (unix socket paths), no dashboard; torn down at the end of the session.
     """
+    import shutil
+
     import ray
     from ray.cluster_utils import Cluster
 
-    temp_dir = f"/tmp/ray-spt-{os.getpid()}"
+    base = f"/tmp/ray-spt-{os.getpid()}"  # short: unix socket paths must stay under 107 bytes
+    os.makedirs(f"{base}/ray", exist_ok=True)
+    os.environ["RAY_TMPDIR"] = base  # Ray's address file goes here too, not into a shared /tmp/ray
+    temp_dir = f"{base}/ray"
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=2, object_store_memory=RAY_OBJECT_STORE, include_dashboard=False, temp_dir=temp_dir))
     for _ in range(2):
@@ -85,3 +90,4 @@ def ray_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(base, ignore_errors=True)
