@@ -27,6 +27,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -89,6 +90,16 @@ def ray_session(address: str | None) -> Iterator[bool]:
         yield True
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _results_writer(storage: Storage, sweep: str) -> Iterator[ResultsWriter]:
+    """The sweep's writer for the duration of run_sweep; flushed and stopped on the way out."""
+    writer = ResultsWriter.shared(storage, sweep)
+    try:
+        yield writer
+    finally:
+        writer.close()
 
 
 def trial_slots(spec: SweepSpec) -> int:
@@ -178,14 +189,16 @@ def summarize_final(table: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def measure_overhead(table: pa.Table, wall_s: float, slots: int, sensitivity_wall_s: float) -> dict[str, float]:
-    """Share of time outside training + evaluation.
+def measure_overhead(table: pa.Table, wall_s: float, slots: int, sensitivity_wall_s: float,
+                     since: datetime | None = None) -> dict[str, float]:
+    """Share of time outside training + evaluation, over the runs this invocation finished (`since`).
 
-    `share`: of the sweep's wall time times its trial slots (everything: Ray start-up, sensitivity,
+    `share`: of this invocation's wall time times its trial slots (everything: Ray start-up, sensitivity,
     scheduling gaps, actor start, data loading, checkpoints). `trial_share`: of the trials' own wall time
-    (setup, checkpoints, reporting).
+    (setup, checkpoints, reporting). A resumed sweep counts only what it ran itself.
     """
-    rows = [r for r in table.to_pylist() if r["row_kind"] in ("trial", "final")]
+    rows = [r for r in table.to_pylist() if r["row_kind"] in ("trial", "final")
+            and (since is None or r["created_at"] >= since)]
     busy = sum((r["train_s"] or 0.0) + (r["eval_s"] or 0.0) for r in rows)
     trial_wall = sum(r["wall_s"] or 0.0 for r in rows)
     capacity = wall_s * slots
@@ -193,7 +206,7 @@ def measure_overhead(table: pa.Table, wall_s: float, slots: int, sensitivity_wal
             "setup_s": sum(r["setup_s"] or 0.0 for r in rows),
             "checkpoint_s": sum(r["checkpoint_s"] or 0.0 for r in rows),
             "sensitivity_wall_s": sensitivity_wall_s,
-            "share": 1.0 - busy / capacity if capacity > 0 else math.nan,
+            "runs": float(len(rows)), "share": 1.0 - busy / capacity if rows and capacity > 0 else math.nan,
             "trial_share": 1.0 - busy / trial_wall if trial_wall > 0 else math.nan}
 
 
@@ -242,9 +255,12 @@ def _run_phase(spec: SweepSpec, storage: Storage, phase: str, context: TrialCont
                                  failure_config=FailureConfig(max_failures=spec.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2), verbose=0),
         )
+    t0 = time.perf_counter()
     grid = tuner.fit()
+    t1 = time.perf_counter()
     _reconcile(grid.experiment_path, ctx, writer, storage)
     writer.flush()
+    logger.info("%s phase: Tune %.1fs, reconciliation %.1fs", phase, t1 - t0, time.perf_counter() - t1)
     counts: dict[str, int] = {}
     for r in grid:
         status = "error" if r.error else "ok"
@@ -264,14 +280,14 @@ def _sweep_exists(storage: Storage, name: str) -> bool:
 
 def run_sweep(spec: SweepSpec) -> SweepResult:
     """Run (or resume) a whole sweep; see the module docstring. Returns the summary, also saved as JSON."""
-    started = time.perf_counter()
+    started, since = time.perf_counter(), datetime.now(timezone.utc)
     storage = Storage.of(spec.storage)
     if _sweep_exists(storage, spec.name) and not spec.resume:
         raise ValueError(f"sweep {spec.name!r} already exists under {storage.root}; pass resume=True to continue "
                          "it, or use a new sweep name")
     storage.write_bytes(storage.path("sweeps", spec.name, "spec.json"),
                         json.dumps(spec.to_dict(), indent=1, default=str).encode())
-    with ray_session(spec.address):
+    with ray_session(spec.address), _results_writer(storage, spec.name):
         store = get_store(storage.root, num_gpus=spec.sensitivity.num_gpus, num_cpus=spec.sensitivity.num_cpus)
         requests = {t: SensitivityRequest(TaskRef(spec.suite, t, spec.data_root, spec.img_size), spec.backbone,
                                           split=spec.sensitivity.split, num_batches=spec.sensitivity.num_batches,
@@ -304,8 +320,11 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         scheduler = PerTaskScheduler(spec.train.epochs, spec.scheduler.grace_period,
                                      spec.scheduler.reduction_factor) if use_asha else None
         tc, rc = context("search")
+        phase_s: dict[str, float] = {"start_s": t0 - started, "sensitivity_s": sensitivity_wall}
+        t1 = time.perf_counter()
         trials["search"] = _run_phase(spec, storage, "search", tc, refs, rc, searcher=searcher, scheduler=scheduler,
                                       num_samples=spec.search_samples)
+        phase_s["search_s"] = time.perf_counter() - t1
         table = read_results(storage, spec.name)
         best = select_best(table)
         missing = [t for t in spec.tasks if t not in best and spec.num_samples > 0]
@@ -317,8 +336,10 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         if spec.run_final:
             runs = final_configs(spec, best)
             tc, rc = context("final")
+            t2 = time.perf_counter()
             trials["final"] = _run_phase(spec, storage, "final", tc, refs, rc, searcher=FixedSearcher(runs),
                                          scheduler=None, num_samples=len(runs))
+            phase_s["final_s"] = time.perf_counter() - t2
             table = read_results(storage, spec.name)
         store_stats = ray.get(store.stats.remote())
         store_stats.pop("events", None)
@@ -328,7 +349,8 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         name=spec.name, storage=storage.root, results_path=storage.uri("results", f"sweep={spec.name}"),
         best=best, final=summarize_final(table) if spec.run_final else {}, pareto=pareto_front(table),
         sensitivity={t: _sensitivity_summary(h) for t, h in handles.items()},
-        overhead=measure_overhead(table, wall, slots, sensitivity_wall), store_stats=store_stats, trials=trials)
+        overhead={**measure_overhead(table, wall, slots, sensitivity_wall, since), **phase_s}, store_stats=store_stats,
+        trials=trials)
     storage.write_bytes(storage.path("sweeps", spec.name, "result.json"),
                         json.dumps(result.to_dict(), indent=1, default=str).encode())
     return result

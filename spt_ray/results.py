@@ -162,7 +162,7 @@ class ResultsWriter:
     _shared: dict[tuple[str, str], "ResultsWriter"] = {}
     _shared_lock = threading.Lock()
 
-    def __init__(self, storage: Storage, sweep: str, *, flush_s: float = 1.0, max_rows: int = 256):
+    def __init__(self, storage: Storage, sweep: str, *, flush_s: float = 2.0, max_rows: int = 512):
         self.storage, self.sweep = storage, sweep
         self.flush_s, self.max_rows = flush_s, max_rows
         self.queue: queue.Queue = queue.Queue()

@@ -15,9 +15,11 @@ with the whole backbone unfrozen), and every trial of a task needs the same one.
   are owned by their creator; put by a detached actor they outlive the driver, so a resumed driver or a
   trial rescheduled on another node still reads them.
 
-The actor is pinned to the head node (node affinity on the head's node id) and takes no CPU, so it never
-competes with trials and dies only with the cluster. Heavy work (loading, verifying, sorting, the
-allocation search) runs in Ray tasks, not on the actor.
+The actor is pinned to the head node (node affinity on the head's node id) and reserves no CPU, so it
+never holds a slot trials could use and dies only with the cluster. Computing a map runs as a Ray task
+(it may claim a GPU, and it verifies, persists and ranks where it computed); reloading a stored map runs
+on a thread of the actor (a one-off burst of CPU per key, and no worker process to start, which on a
+small machine costs more than the load itself).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from spt_core.allocate import allocate
+from spt_core.backbones import RANDOM, default_weights
 from spt_core.experiment import BackboneRef, TaskRef, compute_task_sensitivity, sensitivity_key
 from spt_core.sensitivity import Ranking, SensitivityMap
 
@@ -70,6 +73,16 @@ class SensitivityRequest:
     def key_fields(self) -> dict[str, Any]:
         return sensitivity_key(self.task, self.backbone, split=self.split, num_batches=self.num_batches,
                                batch_size=self.batch_size, seed=self.seed)
+
+    def weights_signature(self) -> tuple[str, int, int] | None:
+        """(path, size, mtime) of the weights file the key hashes: a cheap test that the key is still valid."""
+        path = self.backbone.weights if self.backbone.weights not in (None, RANDOM) else default_weights(
+            self.backbone.name)
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            return None
+        return (str(path), st.st_size, st.st_mtime_ns) if st is not None else None
 
 
 @dataclass(frozen=True)
@@ -195,8 +208,7 @@ def truncated_ranking(smap: SensitivityMap, needs: RankingNeeds) -> tuple[Rankin
     return ranking, info
 
 
-@ray.remote(num_cpus=1, max_retries=2)
-def _rank_from_disk(storage: Storage, key_fields: dict[str, Any], needs: RankingNeeds):
+def rank_from_disk(storage: Storage, key_fields: dict[str, Any], needs: RankingNeeds):
     """Load + verify the stored map and derive the ranking; ("ok", ranking, info) or ("unavailable", reason, msg)."""
     try:
         smap = load_map(storage, key_fields)
@@ -233,6 +245,7 @@ class SensitivityStore:
         self.num_gpus, self.num_cpus = float(num_gpus), float(num_cpus)
         self.counters: Counter[str] = Counter(computed=0, loaded_from_disk=0, served=0, invalid_on_disk=0)
         self.handles: dict[tuple[str, RankingNeeds], RankingHandle] = {}
+        self.key_cache: dict[tuple[SensitivityRequest, Any], dict[str, Any]] = {}
         self.inflight: dict[str, ray.ObjectRef] = {}  # key -> pending compute task
         self.locks: dict[str, asyncio.Lock] = {}
         self.events: list[dict[str, Any]] = []
@@ -241,7 +254,7 @@ class SensitivityStore:
     async def get_ranking(self, request: SensitivityRequest, needs: RankingNeeds) -> list[RankingHandle]:
         """The handle (its `.ref` is the ranking's ObjectRef), wrapped in a list so callers get the ref."""
         self.counters["served"] += 1
-        key_fields = await asyncio.to_thread(request.key_fields)
+        key_fields = await self._key_fields(request)
         key = key_fields["key"]
         async with self.locks.setdefault(key, asyncio.Lock()):
             handle = self.handles.get((key, needs))
@@ -250,10 +263,17 @@ class SensitivityStore:
                 self.handles[(key, needs)] = handle
         return [handle]
 
+    async def _key_fields(self, request: SensitivityRequest) -> dict[str, Any]:
+        """The request's key, hashed once per weights file version (hashing builds the backbone)."""
+        slot = (request, request.weights_signature())
+        if slot not in self.key_cache:
+            self.key_cache[slot] = await asyncio.to_thread(request.key_fields)
+        return self.key_cache[slot]
+
     async def _materialize(self, key_fields: dict[str, Any], request: SensitivityRequest,
                            needs: RankingNeeds) -> RankingHandle:
         key = key_fields["key"]
-        status, *rest = await _rank_from_disk.options(num_cpus=self.num_cpus).remote(self.storage, key_fields, needs)
+        status, *rest = await asyncio.to_thread(rank_from_disk, self.storage, key_fields, needs)
         if status == "ok":
             self.counters["loaded_from_disk"] += 1
             source = "disk"

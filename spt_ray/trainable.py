@@ -87,7 +87,8 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
-def fetch_ranking(context: TrialContext, rankings: dict[str, ray.ObjectRef], task: str) -> tuple[ray.ObjectRef, Ranking]:
+def fetch_ranking(context: TrialContext, rankings: dict[str, ray.ObjectRef],
+                  task: str) -> tuple[ray.ObjectRef, Ranking]:
     """The task's ranking from the ref the driver passed; if its owner is gone (the store actor restarted
     after the sweep started), a fresh ref from the store by key (it reloads the map from disk)."""
     ref = rankings[task]

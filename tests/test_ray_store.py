@@ -12,8 +12,8 @@ import ray
 
 from spt_core.experiment import TaskRef
 from spt_ray.space import RankingNeeds, SearchSpace
-from spt_ray.storage import Storage
 from spt_ray.store import MANIFEST_FILE, MAP_FILE, SensitivityRequest, fetch_rankings, get_store
+from spt_ray.trainable import TrialContext, fetch_ranking
 
 pytestmark = pytest.mark.slow
 NEEDS = RankingNeeds(SearchSpace())
@@ -31,6 +31,12 @@ def _stats(store) -> dict:
 def _read_on_node(handle) -> tuple[str, int, str]:
     ranking = ray.get(handle.ref)
     return ray.get_runtime_context().get_node_id(), int(ranking.ids.numel()), str(ranking.ids.dtype)
+
+
+@ray.remote(num_cpus=0.1)
+def _trial_fetch(context, refs, task) -> tuple[str, int]:
+    ref, ranking = fetch_ranking(context, refs, task)
+    return ref.hex(), int(ranking.ids.numel())
 
 
 def test_concurrent_requests_compute_once_per_key_and_every_node_reads_the_ref(ray_cluster, ray_mini_root,
@@ -84,6 +90,11 @@ def test_restarted_store_reloads_from_disk_and_detects_bad_files(ray_cluster, ra
         assert ray.get(again[t].ref).ids.numel() == first[t].k
     with pytest.raises((ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError)):
         ray.get(first["shapes"].ref, timeout=30)  # refs die with their owner: callers ask the store again
+    # which is what a trial does when the ref it was given is dead: it asks the store by key
+    context = TrialContext("search", "mini", ray_mini_root, ray_backbone, {}, storage_root=str(tmp_path),
+                           requests=reqs, needs=NEEDS)
+    ref_hex, k = ray.get(_trial_fetch.remote(context, {"shapes": first["shapes"].ref}, "shapes"))
+    assert (ref_hex, k) == (again["shapes"].ref.hex(), first["shapes"].k)
 
     # a corrupt map (checksum) and a mismatched manifest (key) are detected, logged and recomputed
     shapes, count = (tmp_path / "sensitivity" / again[t].key for t in ("shapes", "count"))
@@ -103,12 +114,3 @@ def test_restarted_store_reloads_from_disk_and_detects_bad_files(ray_cluster, ra
     ray.get(store.forget.remote())
     fetch_rankings(store, reqs, {t: NEEDS for t in reqs})
     assert _stats(store)["loaded_from_disk"] == 4  # the rewritten files verify again
-
-
-def test_store_on_a_pyarrow_uri(ray_cluster, ray_mini_root, ray_backbone, tmp_path):
-    """Storage given as a URI goes through pyarrow.fs (the path a bucket would take)."""
-    uri = f"file://{tmp_path}"
-    reqs = _requests(ray_mini_root, ray_backbone, tasks=("count",))
-    handle = fetch_rankings(get_store(uri), reqs, {"count": NEEDS})["count"]
-    assert handle.source in ("computed", "disk")
-    assert Storage.of(uri).exists(Storage.of(uri).path("sensitivity", handle.key, MANIFEST_FILE))

@@ -48,7 +48,7 @@ def _overlap(table) -> int:
 def test_three_nodes_eight_concurrent_trials_share_two_computations(ray_cluster, ray_mini_root, ray_backbone,
                                                                     tmp_path):
     spec = _spec(ray_mini_root, tmp_path, ray_backbone, name="multi", num_samples=4, max_concurrent=8,
-                 resources={"cpu": 0.5})
+                 resources={"cpu": 0.5}, multi_objective=True)  # NSGA-II per task, no ASHA
     result = run_sweep(spec)
     assert (result.store_stats["computed"], result.store_stats["loaded_from_disk"]) == (2, 0)
     table = read_results(tmp_path, "multi")
@@ -60,6 +60,11 @@ def test_three_nodes_eight_concurrent_trials_share_two_computations(ray_cluster,
         assert objects == {result.sensitivity[task]["object"]}
     assert _overlap(table) >= 4
     assert set(result.best) == {"shapes", "count"}
+    for task, front in result.pareto.items():  # a Pareto front per task (val_acc max, trainable_params min)
+        assert front and all(r["task"] == task and r["status"] == "completed" for r in front)
+        params = [r["trainable_params"] for r in front]
+        accs = [r["val_acc"] for r in front]
+        assert params == sorted(params) and accs == sorted(accs)  # more parameters only if more accurate
     assert result.sensitivity["shapes"]["ranking_bytes"] < result.sensitivity["shapes"]["full_map_bytes"] / 10
 
 
@@ -96,7 +101,8 @@ def test_worker_node_lost_mid_trial_resumes_from_checkpoint(ray_cluster, ray_min
 
 
 DRIVER = """
-import json, sys
+import json, logging, sys
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 from spt_ray import SweepSpec, run_sweep
 result = run_sweep(SweepSpec.from_dict(json.loads(open(sys.argv[1]).read())))
 print("SWEEP-DONE", json.dumps(result.store_stats))
@@ -125,11 +131,11 @@ def test_killed_sweep_resumes_without_duplicates_or_recomputation(ray_mini_root,
                                                                   ray_tmpdir):
     spec = _spec(ray_mini_root, tmp_path, ray_backbone, name="resume", address="local",
                  train={"epochs": 2, "batch_size": 32, "warmup_epochs": 0}, baselines=["linear"],
-                 run_final=True, final_seeds=[42, 44]).to_dict()
+                 run_final=True, final_seeds=[42]).to_dict()
     first = _driver(tmp_path, spec, "first", ray_tmpdir)
     try:  # kill the driver (and the local Ray it started) once some trials have finished
         _wait(lambda: sum(r["row_kind"] == "trial" for r in read_results(tmp_path, "resume").to_pylist()) >= 2
-              or first.poll() is not None, 300, "two finished trials", interval=0.5)
+              or first.poll() is not None, 300, "two finished trials", interval=1.0)
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     finally:
         os.killpg(first.pid, signal.SIGKILL)
@@ -154,10 +160,10 @@ def test_killed_sweep_resumes_without_duplicates_or_recomputation(ray_mini_root,
         assert epochs == list(range(1, t["epoch"] + 1))
     finals = [r for r in rows if r["row_kind"] == "final"]
     assert Counter((r["task"], r["label"]) for r in finals) == {
-        (task, label): 2 for task in ("shapes", "count") for label in ("best", "linear")}
+        (task, label): 1 for task in ("shapes", "count") for label in ("best", "linear")}
     assert all(r["test_acc"] is not None for r in finals)
     assert all(r["test_acc"] is None for r in rows if r["phase"] == "search")
     con = duckdb_connect(tmp_path, "resume")
     assert con.execute("SELECT count(*) - count(DISTINCT row_id) FROM results").fetchone() == (0,)
     summary = json.loads((tmp_path / "sweeps" / "resume" / "result.json").read_text())
-    assert set(summary["final"]) == {"shapes", "count"} and summary["final"]["count"]["best"]["n"] == 2
+    assert set(summary["final"]) == {"shapes", "count"} and summary["final"]["count"]["best"]["n"] == 1

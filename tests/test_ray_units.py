@@ -23,8 +23,10 @@ from spt_ray.search import FixedSearcher, PerTaskScheduler, PerTaskSearcher
 from spt_ray.space import RankingNeeds, SearchSpace
 from spt_ray.spec import SweepSpec
 from spt_ray.storage import Storage
-from spt_ray.store import truncated_ranking
+from spt_ray.store import (MAP_FILE, MapUnavailable, SensitivityRequest, load_map, persist_map, rank_from_disk,
+                           truncated_ranking)
 
+NEEDS = RankingNeeds(SearchSpace())
 BASE = dict(name="s", data_root="/data", storage="/store", tasks=["shapes"])
 
 
@@ -41,6 +43,16 @@ def test_spec_from_dict_builds_nested_values():
     assert spec.search_samples == 2 * (4 + 1)
     again = SweepSpec.from_dict(spec.to_dict())
     assert again.to_dict() == spec.to_dict()
+
+
+def test_spec_from_yaml(tmp_path):
+    (tmp_path / "sweep.yaml").write_text("name: y\ndata_root: /d\nstorage: /s\ntasks: [shapes, count]\n"
+                                         "multi_objective: true\nscheduler: {grace_period: 2}\n")
+    spec = SweepSpec.from_yaml(tmp_path / "sweep.yaml")
+    assert spec.tasks == ("shapes", "count") and spec.multi_objective and spec.scheduler.grace_period == 2
+    (tmp_path / "bad.yaml").write_text("name: y\ndata_root: /d\nstorage: /s\ntasks: [a]\nschedular: {}\n")
+    with pytest.raises(ValueError, match="did you mean 'scheduler'"):
+        SweepSpec.from_yaml(tmp_path / "bad.yaml")
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -271,10 +283,16 @@ def test_selection_reads_validation_only_and_summaries():
     assert summary["shapes"]["best"]["std"] == pytest.approx(0.1414, abs=1e-3)
 
 
-# ---- ranking truncation --------------------------------------------------------------------------
-def test_truncated_ranking_allocates_like_the_full_map(ray_mini_root, ray_backbone):
-    smap = compute_task_sensitivity(TaskRef("mini", "shapes", ray_mini_root), ray_backbone, num_batches=2,
-                                    batch_size=32, progress=False)
+# ---- ranking truncation and map persistence ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def shapes_map(ray_mini_root, ray_backbone):
+    request = SensitivityRequest(TaskRef("mini", "shapes", ray_mini_root), ray_backbone, num_batches=2, batch_size=32)
+    smap = compute_task_sensitivity(request.task, request.backbone, num_batches=2, batch_size=32, progress=False)
+    return request, smap
+
+
+def test_truncated_ranking_allocates_like_the_full_map(shapes_map):
+    _, smap = shapes_map
     space = SearchSpace()
     ranking, info = truncated_ranking(smap, RankingNeeds(space))
     assert ranking.ids.dtype == torch.int32 and ranking.truncated
@@ -288,3 +306,24 @@ def test_truncated_ranking_allocates_like_the_full_map(ray_mini_root, ray_backbo
         full, cut = allocate(smap, budget, **kw), allocate(ranking, budget, **kw)
         assert cut.trainable_params == full.trainable_params
         assert cut.to_dict()["tensors"] == full.to_dict()["tensors"]
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_maps_persist_verify_and_reload(shapes_map, tmp_path, uri):
+    """The store's files: written whole, checked on load (checksum, key), through a path or a pyarrow URI."""
+    request, smap = shapes_map
+    storage = Storage.of(f"file://{tmp_path}" if uri else tmp_path)
+    assert storage.local is not uri
+    key_fields = request.key_fields()
+    assert rank_from_disk(storage, key_fields, NEEDS)[:2] == ("unavailable", "missing")
+    persist_map(storage, key_fields, smap)
+    assert not list(tmp_path.rglob("*.tmp"))
+    status, ranking, info = rank_from_disk(storage, key_fields, NEEDS)
+    assert status == "ok" and torch.equal(load_map(storage, key_fields).flat_scores(), smap.flat_scores())
+    assert ranking.ids.numel() == info["k"]
+    other = {**key_fields, "seed": 1}  # same directory, different request: a mismatch, not a silent reuse
+    with pytest.raises(MapUnavailable, match="differ"):
+        load_map(storage, other)
+    blob = tmp_path / "sensitivity" / key_fields["key"] / MAP_FILE
+    blob.write_bytes(blob.read_bytes()[:-8] + b"corrupt!")
+    assert rank_from_disk(storage, key_fields, NEEDS)[:2] == ("unavailable", "corrupt")
