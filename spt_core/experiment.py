@@ -183,6 +183,11 @@ def build_plan(method: str, source: SensitivityMap | Ranking | ModelLayout, *, b
     return simple[method](layout)
 
 
+def eval_batch_size(cfg: TrainConfig) -> int:
+    """Evaluation needs no activations for backward: twice the training batch fits."""
+    return 2 * cfg.batch_size
+
+
 def prepare_run(task: TaskRef, backbone: BackboneRef, plan: TuningPlan, cfg: TrainConfig, *,
                 phase: str = "search", seed: int = 42, num_workers: int = 0,
                 progress: bool = False) -> tuple[Trainer, DataLoader, DataLoader]:
@@ -191,6 +196,6 @@ def prepare_run(task: TaskRef, backbone: BackboneRef, plan: TuningPlan, cfg: Tra
     apply_plan(model, plan)
     train_split, eval_split = task.splits(phase)
     train = make_loader(task, train_split, batch_size=cfg.batch_size, train=True, seed=seed, num_workers=num_workers)
-    evaluate = make_loader(task, eval_split, batch_size=2 * cfg.batch_size, train=False, seed=seed,
+    evaluate = make_loader(task, eval_split, batch_size=eval_batch_size(cfg), train=False, seed=seed,
                            num_workers=num_workers)
     return Trainer(model, cfg, progress=progress), train, evaluate

@@ -153,13 +153,17 @@ def pareto_front(table: pa.Table) -> dict[str, list[dict[str, Any]]]:
 
 
 def final_configs(spec: SweepSpec, best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs of the final phase: (best config of each task + each baseline) x seeds."""
+    """Runs of the final phase: (best config of each task + each baseline) x seeds; uniform LoRA / Adapter
+    baselines run at the rank that matches the selected SPT config's trainable parameters."""
     base = fixed_configs(spec.baselines, lr=spec.final_recipe.lr, weight_decay=spec.final_recipe.weight_decay,
                          bits=spec.space.bits)
     runs = []
     for task in spec.tasks:
         labelled = [("best", {k: best[task][k] for k in CONFIG_KEYS}, best[task]["trial_id"])] if task in best else []
-        labelled += [(c["method"], c, None) for c in base]
+        # uniform LoRA / Adapter get the selected SPT config's budget: the equal-budget comparison
+        matched = best[task]["trainable_params"] if task in best else None
+        labelled += [(c["method"], {**c, "budget": matched} if c["method"] in ("lora", "adapter") and matched else c,
+                      None) for c in base]
         for label, cfg, source in labelled:
             for seed in spec.final_seeds:
                 runs.append({**cfg, "task": task, "label": label, "seed": int(seed), "searched": label == "best",

@@ -30,10 +30,11 @@ import torch
 from ray import tune
 from ray.tune import Checkpoint
 
-from spt_core.experiment import BackboneRef, TaskRef, build_plan, prepare_run
+from spt_core.experiment import BackboneRef, TaskRef, build_plan, eval_batch_size, prepare_run
 from spt_core.sensitivity import Ranking
 from spt_core.train import TrainConfig
 
+from .artifacts import write_run_files
 from .space import SPT_METHODS, RankingNeeds
 from .store import SensitivityRequest, get_store
 
@@ -145,6 +146,10 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
         "node_id": ray.get_runtime_context().get_node_id(), **package_versions(),
     }
 
+    run_info = {"task": task.to_dict(), "backbone": context.backbone.to_dict(), "seed": seed, "method": method,
+                "phase": context.phase, "eval_split": task.splits(context.phase)[1],
+                "eval_batch_size": eval_batch_size(cfg), "amp": cfg.amp, "trainable_params": plan.trainable_params}
+
     def on_epoch(metrics: dict[str, float]) -> bool:
         out = {**static, "epoch": int(metrics["epoch"]), "train_loss": metrics["train_loss"],
                "train_acc": metrics["train_acc"], "train_s": metrics["train_s"], "setup_s": setup_s}
@@ -160,6 +165,7 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
         with tempfile.TemporaryDirectory(prefix="spt-ckpt-") as tmp:
             t0 = time.perf_counter()
             trainer.save(tmp)
+            write_run_files(tmp, plan, {**run_info, "metrics": {k: out.get(k) for k in ("val_acc", "test_acc")}})
             out["checkpoint_s"] = time.perf_counter() - t0
             totals["checkpoint_s_total"] += out["checkpoint_s"]
             out["wall_s"] = time.perf_counter() - segment_start
