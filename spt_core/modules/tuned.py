@@ -43,6 +43,10 @@ class TunedLinear(nn.Linear):
         self.register_parameter("sparse_delta", None)
         self.register_buffer("sparse_rows", torch.zeros(0, dtype=torch.int64), persistent=False)
         self.register_buffer("sparse_cols", torch.zeros(0, dtype=torch.int64), persistent=False)
+        # The distinct input columns the sparse entries touch and each entry's index into them; set when they
+        # are at most half of the input, so the backward keeps x[..., used_cols] instead of all of x.
+        self.register_buffer("sparse_used_cols", None, persistent=False)
+        self.register_buffer("sparse_local_cols", None, persistent=False)
         self._pattern: torch.Tensor | None = None
 
     # ---- building -----------------------------------------------------------------------------------
@@ -51,6 +55,10 @@ class TunedLinear(nn.Linear):
         flat = flat.to(self.weight.device, torch.int64)
         self.sparse_rows = torch.div(flat, self.in_features, rounding_mode="floor")
         self.sparse_cols = flat % self.in_features
+        used, local = torch.unique(self.sparse_cols, return_inverse=True)
+        keep_few = 0 < used.numel() <= self.in_features // 2
+        self.sparse_used_cols = used if keep_few else None
+        self.sparse_local_cols = local if keep_few else None
         self.sparse_delta = nn.Parameter(torch.zeros(flat.numel(), device=self.weight.device))
         self._pattern = None
 
@@ -72,14 +80,18 @@ class TunedLinear(nn.Linear):
 
     def _sparse_pattern(self) -> torch.Tensor | None:
         if self._pattern is None or self._pattern.device != self.weight.device:
-            self._pattern = csr_pattern(self.sparse_rows, self.sparse_cols, tuple(self.weight.shape))
+            if self.sparse_used_cols is None:
+                self._pattern = csr_pattern(self.sparse_rows, self.sparse_cols, tuple(self.weight.shape))
+            else:
+                self._pattern = csr_pattern(self.sparse_rows, self.sparse_local_cols,
+                                            (self.out_features, self.sparse_used_cols.numel()))
         return self._pattern
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self._bias()
         if self.sparse_delta is not None:
             y = sparse_delta_linear(x, self.weight, bias, self.sparse_delta, self.sparse_rows, self.sparse_cols,
-                                    self._sparse_pattern())
+                                    self._sparse_pattern(), self.sparse_used_cols, self.sparse_local_cols)
         else:
             y = F.linear(x, self.weight, bias)
         if not self.lora and not self.adapter:
