@@ -84,7 +84,7 @@ class Ranking:
     """
 
     ids: torch.Tensor  # int64, best first
-    scores: torch.Tensor  # float32, descending
+    scores: torch.Tensor  # float32 (bfloat16 once compact), descending
     layout: ModelLayout
     num_entries: int  # entries in the full map
     meta: dict[str, Any] = field(default_factory=dict)
@@ -113,9 +113,13 @@ class Ranking:
         return self.ids.numel() * self.ids.element_size() + self.scores.numel() * self.scores.element_size()
 
     def compact(self) -> "Ranking":
-        """The same ranking with int32 ids when they fit (what goes through Ray's object store)."""
+        """The same ranking as it goes through Ray's object store: int32 ids when they fit, bfloat16 scores.
+
+        A trial needs the ids (their order); the scores only feed plan.meta["score_threshold"], for which
+        bfloat16 (fp32's range, 3 significant digits) is enough: 6 bytes per entry instead of 8 (or 12).
+        """
         ids = self.ids.to(torch.int32) if self.num_entries < 2**31 else self.ids
-        return Ranking(ids, self.scores, self.layout, self.num_entries, self.meta)
+        return Ranking(ids, self.scores.to(torch.bfloat16), self.layout, self.num_entries, self.meta)
 
 
 def compute_sensitivity(
