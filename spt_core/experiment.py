@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .allocate import allocate
-from .backbones import create_backbone
+from .backbones import RANDOM, create_backbone, default_weights, weights_sha256
 from .baselines import bitfit, full_finetune, linear_probe, rank_for_budget, uniform_adapter, uniform_lora
 from .data.common import make_loader as _make_loader
 from .data.fgvc import FgvcDataset
@@ -102,28 +102,21 @@ def num_classes(task: TaskRef) -> int:
     return task.info.num_classes
 
 
-@lru_cache(maxsize=32)
-def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def backbone_hash(backbone: BackboneRef) -> str:
     """The backbone's identity: the weight file's content hash (the shipped file for the embedded one)."""
-    _, info = load_backbone(backbone, None, seed=0)
+    path = default_weights(backbone.name) if backbone.weights is None else Path(backbone.weights)
+    if backbone.weights != RANDOM and path is not None and path.is_file():
+        return weights_sha256(path)
+    _, info = load_backbone(backbone, None, seed=0)  # random init: the hash of the generated state
     return info["weights_sha256"]
 
 
 def load_backbone(backbone: BackboneRef, task: TaskRef | None, *, seed: int) -> tuple[nn.Module, dict[str, Any]]:
     """A fresh backbone with a new head for the task, initialised from `seed` (trunc-normal, never zero)."""
-    torch.manual_seed(seed)
     classes = num_classes(task) if task is not None else 2
     img_size = task.size if task is not None else None
     model, info = create_backbone(backbone.name, weights=backbone.weights, num_classes=classes, img_size=img_size,
-                                  drop_path_rate=backbone.drop_path_rate)
+                                  drop_path_rate=backbone.drop_path_rate, seed=seed)
     return model, info.to_dict()
 
 
@@ -149,12 +142,13 @@ def compute_task_sensitivity(task: TaskRef, backbone: BackboneRef, *, split: str
                              num_batches: int = 16, batch_size: int = 32, seed: int = 0, device: str = "auto",
                              progress: bool = True) -> SensitivityMap:
     """SPT's reference setting: num_batches x batch_size train images, no augmentation, model in train mode."""
+    loader = make_loader(task, split or task.sensitivity_split, batch_size=batch_size, train=True, seed=seed,
+                         augment=False)
     key = sensitivity_key(task, backbone, split=split, num_batches=num_batches, batch_size=batch_size, seed=seed)
     model, info = load_backbone(backbone, task, seed=seed)
     dev = resolve_device(device)
     model.to(dev).train()
     torch.manual_seed(seed)
-    loader = make_loader(task, key["split"], batch_size=batch_size, train=True, seed=seed, augment=False)
     smap = compute_sensitivity(model, loader, num_batches=num_batches, device=dev, progress=progress)
     smap.meta.update(key=key, backbone_info=info)
     return smap

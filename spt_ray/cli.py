@@ -58,9 +58,9 @@ def cmd_backbone_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_backbone_info(args: argparse.Namespace) -> int:
-    from spt_core.experiment import BackboneRef, load_backbone
+    from spt_core.experiment import load_backbone
 
-    _, info = load_backbone(BackboneRef(args.backbone, args.weights), None, seed=0)
+    _, info = load_backbone(_backbone(args), None, seed=0)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -130,9 +130,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 # ---- sweeps and results -----------------------------------------------------------------------------
 def cmd_tune(args: argparse.Namespace) -> int:
-    from spt_ray.launch import run_sweep_from_cli
+    from spt_ray.launch import run_from_args
 
-    run_sweep_from_cli(args)
+    run_from_args(args)
     return 0
 
 
