@@ -265,7 +265,9 @@ def measure_sensitivity(spec: ModelSpec, full_plan, *, batch: int, batches: int,
         model.zero_grad(set_to_none=True)
         return (time.perf_counter() - t0) / len(data)
 
-    fwd_bwd()  # warm-up
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(data[0][0]), data[0][1]).backward()  # warm-up
+    model.zero_grad(set_to_none=True)
     sens, fb = [], []
     for r in range(rounds):
         pair = (sensitivity, fwd_bwd) if r % 2 == 0 else (fwd_bwd, sensitivity)
@@ -323,6 +325,9 @@ def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
         method = ("peak RSS (VmHWM, reset via /proc/self/clear_refs after imports and plan building) minus "
                   "the RSS at that point" if reset else
                   "ru_maxrss (process lifetime peak) minus the RSS after imports and plan building")
+        live = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        method += (f", glibc MALLOC_MMAP_THRESHOLD_={live} (freed tensors leave the RSS)" if live else
+                   ", glibc default allocator settings (RSS includes freed heap blocks)")
     runner = Runner(spec, plan, device, args["amp"])
     for _ in range(args["steps"]):
         runner.step(x, y)
@@ -331,23 +336,62 @@ def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
     else:
         hwm = _rss_kb("VmHWM") if reset else None
         peak = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    model = runner.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"config": args["config"], "peak_bytes": int(peak - base), "baseline_bytes": int(base),
-            "absolute_peak_bytes": int(peak), "method": method, "steps": args["steps"]}
+            "absolute_peak_bytes": int(peak), "method": method, "steps": args["steps"],
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "trainable_params_with_head": trainable,
+            "saved_bytes_per_image": saved_activation_bytes(model, x[:1], y[:1], device, args["amp"])}
+
+
+def saved_activation_bytes(model, x, y, device, amp: bool) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves for the backward in one training forward
+    (the activation memory a training step holds at its peak, per image when x holds one image)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            key = t.untyped_storage().data_ptr()
+            if key not in params:
+                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_ctx(device, amp):
+        loss = F.cross_entropy(model(x).float(), y)
+    del loss
+    return int(sum(seen.values()))
+
+
+# glibc malloc keeps freed blocks up to a dynamic threshold (growing to 32 MiB) in its heap instead of returning
+# them to the OS, so a process's RSS also counts freed tensor memory. With a fixed 1 MiB mmap threshold every
+# tensor of 1 MiB or more is mapped and unmapped on its own and the peak RSS follows the live tensors: the CPU
+# analogue of torch.cuda.max_memory_allocated (which leaves out the caching allocator's reserve).
+LIVE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def measure_memory(spec: ModelSpec, configs: tuple[str, ...], *, batch: int, device, amp: bool, steps: int,
-                   threads: int, log: Callable[[str], None], timeout: float = 900) -> dict[str, Any]:
+                   threads: int, log: Callable[[str], None], timeout: float = 900,
+                   allocator: str = "live") -> dict[str, Any]:
     """One fresh subprocess per configuration. On a CPU they run at the same time (each one's peak RSS is
-    its own; only memory is measured there), on CUDA one after the other."""
-    out: dict[str, Any] = {"batch": batch, "steps": steps}
+    its own; only memory is measured there), on CUDA one after the other. `allocator`: "live" (glibc with
+    LIVE_ALLOCATOR_ENV: peak RSS ~ peak of live tensors) or "default" (glibc's defaults: what `top` shows)."""
+    out: dict[str, Any] = {"batch": batch, "steps": steps, "allocator": allocator}
     parallel = torch.device(device).type != "cuda"
-    procs = {}
+    env = {**os.environ, **(LIVE_ALLOCATOR_ENV if allocator == "live" else {})}
+    if allocator != "live":
+        for key in LIVE_ALLOCATOR_ENV:
+            env.pop(key, None)
 
     def start(name):
         args = {"config": name, "tiny": spec.tiny, "device": str(device), "batch": batch, "amp": amp,
                 "steps": steps, "threads": max(1, threads // len(configs)) if parallel else threads}
         return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--memory-worker", json.dumps(args)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT), env=env)
 
     def finish(name, proc):
         try:
@@ -363,7 +407,7 @@ def measure_memory(spec: ModelSpec, configs: tuple[str, ...], *, batch: int, dev
             return
         res = json.loads(stdout.strip().splitlines()[-1])
         out[name] = res
-        log(f"  memory {name}: {res['peak_bytes'] / 2**20:.0f} MiB")
+        log(f"  memory {name} ({allocator} allocator): {res['peak_bytes'] / 2**20:.0f} MiB")
 
     if parallel:
         procs = {name: start(name) for name in configs}
