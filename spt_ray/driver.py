@@ -304,7 +304,8 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         refs = {t: h.ref for t, h in handles.items()}
         first = handles[spec.tasks[0]]
         keys = tuple((t, h.key) for t, h in handles.items())
-        rankings_meta = {t: {"key": h.key, "nbytes": h.nbytes} for t, h in handles.items()}
+        rankings_meta = {t: {"key": h.key, "key_fields": h.key_fields, "nbytes": h.nbytes,
+                             "sensitivity_s": h.sensitivity_s} for t, h in handles.items()}
 
         def context(phase: str) -> tuple[TrialContext, RowContext]:
             recipe = spec.train if phase == "search" else spec.final_recipe
@@ -363,5 +364,6 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
 def _sensitivity_summary(h: RankingHandle) -> dict[str, Any]:
     return {"key": h.key, "source": h.source, "k": h.k, "num_entries": h.num_entries, "ranking_bytes": h.nbytes,
             "full_map_bytes": h.full_map_bytes, "ranking_share": h.nbytes / h.full_map_bytes,
-            "sensitivity_s": h.sensitivity_s, "object": h.ref.hex()}
+            "sensitivity_s": h.sensitivity_s, "object": h.ref.hex(), "deep_corners": h.info.get("deep_corners", 0),
+            "derive_s": h.info.get("derive_s")}
 

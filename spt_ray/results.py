@@ -75,7 +75,8 @@ FILE_SCHEMA = pa.schema([
     ("backbone_hash", pa.string()),
     ("sensitivity_key", pa.string()),
     ("ranking_object", pa.string()),  # ObjectRef id of the ranking the trial read
-    ("ranking_bytes", pa.int64()),
+    ("ranking_bytes", pa.int64()),  # bytes of sensitivity data the trial read
+    ("plan_source", pa.string()),  # ranking (object-store prefix) | full-map (deep config) | layout (baseline)
     ("status", pa.string()),  # running | completed | stopped (early, by ASHA) | error
     ("restarts", pa.int32()),  # times the run resumed from a checkpoint
     ("sensitivity_s", pa.float64()),
@@ -291,8 +292,6 @@ class ResultsCallback(Callback):
         result.setdefault("config", trial.config)
         self.writer.put(summary_row(self.ctx, result, trial_id=trial.trial_id, error=error))
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.writer.flush()
 
 
 def run_status(result: dict[str, Any], error: bool) -> str:

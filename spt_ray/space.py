@@ -148,8 +148,9 @@ class RankingNeeds:
     """What the sensitivity store must keep of a ranking: enough top entries for any point of `space`.
 
     The store resolves the space against the backbone (fractional budgets need its parameter count),
-    finds the deepest top-k over the corners, and keeps that times `margin` plus `slack` entries so
-    interior points, whose depth the corners do not bound exactly, still fit.
+    finds the deepest top-k over the corners (within `depth_factor` x the max budget), and keeps that
+    times `margin` plus `slack` entries so interior points, whose depth the corners do not bound
+    exactly, still fit. Configurations deeper than that read the full map from storage.
     """
 
     space: SearchSpace = SearchSpace()
@@ -157,6 +158,7 @@ class RankingNeeds:
     slack: int = 256
     beta: float = 5.0
     alpha_points: int = 5
+    depth_factor: int = 8  # the corner search looks this many times the max budget deep, no deeper
 
     def corner_dicts(self, total_params: int) -> list[dict[str, Any]]:
         return self.space.resolve(total_params).corners(self.alpha_points)

@@ -34,7 +34,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from spt_core.allocate import allocate
 from spt_core.backbones import RANDOM, default_weights
 from spt_core.experiment import BackboneRef, TaskRef, compute_task_sensitivity, sensitivity_key
+from spt_core.layout import ModelLayout
 from spt_core.sensitivity import Ranking, SensitivityMap
 
 from .space import RankingNeeds
@@ -136,32 +137,48 @@ class MapUnavailable(Exception):
         self.reason = reason
 
 
-def load_map(storage: Storage, key_fields: dict[str, Any]) -> SensitivityMap:
-    """The stored map for this key, verified against its manifest; MapUnavailable if absent or bad."""
+def _manifest(storage: Storage, key_fields: dict[str, Any]) -> dict[str, Any]:
+    """The entry's manifest, checked against the request; MapUnavailable if absent, unreadable or another key."""
     key = key_fields["key"]
-    d = entry_dir(storage, key)
-    if not storage.exists(f"{d}/{MANIFEST_FILE}"):
+    path = f"{entry_dir(storage, key)}/{MANIFEST_FILE}"
+    if not storage.exists(path):
         raise MapUnavailable("missing", f"no stored sensitivity map for key {key}")
     try:
-        manifest = json.loads(storage.read_bytes(f"{d}/{MANIFEST_FILE}"))
+        manifest = json.loads(storage.read_bytes(path))
     except (OSError, ValueError) as err:
         raise MapUnavailable("corrupt", f"unreadable manifest for key {key}: {err}") from None
     if manifest.get("format") != FORMAT or manifest.get("key") != key:
         raise MapUnavailable("mismatch", f"manifest under {key} names key {manifest.get('key')!r}")
-    stored_fields = {k: v for k, v in manifest.get("key_fields", {}).items()}
-    if json.dumps(stored_fields, sort_keys=True, default=str) != json.dumps(key_fields, sort_keys=True, default=str):
+    if _canonical(manifest.get("key_fields", {})) != _canonical(key_fields):
         raise MapUnavailable("mismatch", f"stored key fields differ from the request for key {key}")
-    blobs = {}
-    for name, digest in manifest.get("sha256", {}).items():
-        try:
-            data = storage.read_bytes(f"{d}/{name}")
-        except OSError as err:
-            raise MapUnavailable("corrupt", f"{name} of key {key} unreadable: {err}") from None
-        if sha256(data) != digest:
-            raise MapUnavailable("corrupt", f"{name} of key {key} fails its sha256 check")
-        blobs[name] = data
-    if set(blobs) != {MAP_FILE, LAYOUT_FILE}:
+    if set(manifest.get("sha256", {})) != {MAP_FILE, LAYOUT_FILE}:
         raise MapUnavailable("corrupt", f"manifest of key {key} does not cover {MAP_FILE} and {LAYOUT_FILE}")
+    return manifest
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _verified(storage: Storage, path: str, digest: str, what: str) -> bytes:
+    try:
+        data = storage.read_bytes(path)
+    except OSError as err:
+        raise MapUnavailable("corrupt", f"{what} unreadable: {err}") from None
+    if sha256(data) != digest:
+        raise MapUnavailable("corrupt", f"{what} fails its sha256 check")
+    return data
+
+
+def _verified_blobs(storage: Storage, key_fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest and the bytes of every file it covers, each checked against its sha256."""
+    manifest = _manifest(storage, key_fields)
+    d = entry_dir(storage, key_fields["key"])
+    return manifest, {name: _verified(storage, f"{d}/{name}", digest, f"{name} of key {key_fields['key']}")
+                      for name, digest in manifest["sha256"].items()}
+
+
+def _map_from_blobs(blobs: dict[str, bytes], key: str) -> SensitivityMap:
     with tempfile.TemporaryDirectory(prefix="spt-map-") as tmp:
         for name, data in blobs.items():
             (Path(tmp) / name).write_bytes(data)
@@ -171,51 +188,105 @@ def load_map(storage: Storage, key_fields: dict[str, Any]) -> SensitivityMap:
             raise MapUnavailable("corrupt", f"stored map of key {key} does not load: {err}") from None
 
 
+def load_map(storage: Storage, key_fields: dict[str, Any]) -> SensitivityMap:
+    """The stored map for this key, verified against its manifest; MapUnavailable if absent or bad."""
+    _, blobs = _verified_blobs(storage, key_fields)
+    return _map_from_blobs(blobs, key_fields["key"])
+
+
 # ---- the ranking trials need --------------------------------------------------------------------
 def truncated_ranking(smap: SensitivityMap, needs: RankingNeeds) -> tuple[Ranking, dict[str, Any]]:
     """The top of the global ranking, deep enough for every corner of the search space (+ margin).
 
-    For each corner (max budget x structured type x rank x alpha points) SPT's allocation is run on a
-    prefix of the ranking that grows until the allocation settles strictly inside it (the same rule
-    spt_core uses on a full map), so the corner's top-k is exact. The kept depth is the deepest corner's
-    top-k times `margin` plus `slack`.
+    SPT's allocation is run for each corner (max budget x structured type x rank x alpha points) on a
+    prefix of `depth_factor` x max budget entries. A corner that settles strictly inside the prefix has
+    an exact top-k; the kept depth is the deepest such top-k times `margin` plus `slack`. A corner that
+    does not settle (typically a budget near or above what the whole model can absorb at that rank, where
+    the walk must reach the least sensitive tensors) is counted as deep: trials with such configurations
+    read the full map from storage instead (see `spt_ray.trainable.build_trial_plan`).
     """
     start = time.perf_counter()
     flat = smap.flat_scores()
     n_all = flat.numel()
     corners = needs.corner_dicts(smap.layout.total_params)
     max_budget = max((c["budget"] for c in corners), default=0)
-    n = min(n_all, max(4096, 4 * max_budget))
-    while True:
-        prefix = Ranking.from_scores(flat, smap.layout, n)
+    n = min(n_all, max(4096, needs.depth_factor * max_budget))
+    prefix = Ranking.from_scores(flat, smap.layout, n)
+    depths, deep = [], 0
+    for c in corners:
         try:
-            ks = [allocate(prefix, c["budget"], structured=c["structured"], rank=c["rank"], alpha=c["alpha"],
-                           beta=needs.beta).meta["num_top_entries"] for c in corners]
-            settled = not ks or max(ks) < n
+            k = allocate(prefix, c["budget"], structured=c["structured"], rank=c["rank"], alpha=c["alpha"],
+                         beta=needs.beta).meta["num_top_entries"]
         except ValueError:
-            if n == n_all:
+            if not prefix.truncated:
                 raise
-            settled = False
-        if settled or n == n_all:
-            break
-        n = min(n_all, 4 * n)
-    deepest = max(ks, default=0)
+            k = n
+        if k >= n and prefix.truncated:
+            deep += 1
+        else:
+            depths.append(k)
+    deepest = max(depths, default=0)
     k = min(n_all, math.ceil(deepest * needs.margin) + needs.slack)
-    ranking = Ranking.from_scores(flat, smap.layout, k).compact()
-    ranking.meta.update(deepest_corner_k=deepest, corners=len(corners))
-    info = {"k": k, "deepest_corner_k": deepest, "num_entries": n_all, "derive_s": time.perf_counter() - start,
-            "nbytes": ranking.nbytes, "full_map_bytes": n_all * 4, "total_params": smap.layout.total_params}
+    ranking = Ranking(prefix.ids[:k], prefix.scores[:k], smap.layout, n_all).compact() if k <= n else \
+        Ranking.from_scores(flat, smap.layout, k).compact()
+    ranking.meta.update(deepest_corner_k=deepest, corners=len(corners), deep_corners=deep)
+    info = {"k": k, "deepest_corner_k": deepest, "deep_corners": deep, "corners": len(corners),
+            "num_entries": n_all, "derive_s": time.perf_counter() - start, "nbytes": ranking.nbytes,
+            "full_map_bytes": n_all * 4, "total_params": smap.layout.total_params}
     return ranking, info
 
 
-def rank_from_disk(storage: Storage, key_fields: dict[str, Any], needs: RankingNeeds):
-    """Load + verify the stored map and derive the ranking; ("ok", ranking, info) or ("unavailable", reason, msg)."""
+def needs_id(needs: RankingNeeds) -> str:
+    return hashlib.sha256(_canonical(asdict(needs)).encode()).hexdigest()[:16]
+
+
+def save_ranking(storage: Storage, key: str, needs: RankingNeeds, ranking: Ranking, info: dict[str, Any]) -> None:
+    """Keep the derived ranking next to its map: reloading it skips the allocation search."""
+    from safetensors.torch import save
+
+    blob = save({"ids": ranking.ids.contiguous(), "scores": ranking.scores.contiguous()})
+    base = f"{entry_dir(storage, key)}/ranking-{needs_id(needs)}"
+    storage.write_bytes(f"{base}.safetensors", blob)
+    doc = {"sha256": sha256(blob), "info": info, "meta": ranking.meta, "num_entries": ranking.num_entries}
+    storage.write_bytes(f"{base}.json", _canonical(doc).encode())
+
+
+def _cached_ranking(storage: Storage, key_fields: dict[str, Any], needs: RankingNeeds, manifest: dict[str, Any],
+                    layout_blob: bytes):
+    """The cached ranking for (key, needs), verified, or None when there is none (or it fails its check)."""
+    from safetensors.torch import load
+
+    base = f"{entry_dir(storage, key_fields['key'])}/ranking-{needs_id(needs)}"
+    if not storage.exists(f"{base}.json"):
+        return None
     try:
-        smap = load_map(storage, key_fields)
+        doc = json.loads(storage.read_bytes(f"{base}.json"))
+        tensors = load(_verified(storage, f"{base}.safetensors", doc["sha256"], "cached ranking"))
+    except (MapUnavailable, OSError, ValueError, KeyError) as err:
+        logger.warning("sensitivity store: ignoring the cached ranking of key %s: %s", key_fields["key"], err)
+        return None
+    layout = ModelLayout.from_dict(json.loads(layout_blob)["layout"])
+    ranking = Ranking(tensors["ids"], tensors["scores"], layout, int(doc["num_entries"]), doc["meta"])
+    return ranking, {**doc["info"], "sensitivity_s": float(manifest["meta"].get("seconds", 0.0)), "cached": True}
+
+
+def rank_from_disk(storage: Storage, key_fields: dict[str, Any], needs: RankingNeeds):
+    """The ranking from storage: the cached one, else derived from the map (and cached). The map's files
+    are verified either way, so a corrupt map is caught (and recomputed) even when its ranking is cached.
+
+    Returns ("ok", ranking, info) or ("unavailable", reason, message).
+    """
+    try:
+        manifest, blobs = _verified_blobs(storage, key_fields)
+        cached = _cached_ranking(storage, key_fields, needs, manifest, blobs[LAYOUT_FILE])
+        if cached is not None:
+            return "ok", *cached
+        smap = _map_from_blobs(blobs, key_fields["key"])
     except MapUnavailable as err:
         return "unavailable", err.reason, str(err)
     ranking, info = truncated_ranking(smap, needs)
     info["sensitivity_s"] = float(smap.meta.get("seconds", 0.0))
+    save_ranking(storage, key_fields["key"], needs, ranking, info)
     return "ok", ranking, info
 
 
@@ -232,6 +303,7 @@ def _compute_and_rank(storage: Storage, key_fields: dict[str, Any], request: Sen
     persist_map(storage, key_fields, smap)
     ranking, info = truncated_ranking(smap, needs)
     info["sensitivity_s"] = seconds
+    save_ranking(storage, key_fields["key"], needs, ranking, info)
     return "ok", ranking, info
 
 

@@ -21,6 +21,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ from spt_core.train import TrainConfig
 
 from .artifacts import write_run_files
 from .space import SPT_METHODS, RankingNeeds
-from .store import SensitivityRequest, get_store
+from .storage import Storage
+from .store import SensitivityRequest, get_store, load_map
 
 TOTALS_FILE = "run_totals.json"
 
@@ -52,7 +54,7 @@ class TrialContext:
     train: dict[str, Any]  # TrainConfig fields; lr / weight_decay / seed come from the trial config
     img_size: int | None = None
     num_workers: int = 0
-    rankings_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> key, nbytes
+    rankings_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> key, key_fields, ...
     storage_root: str | None = None  # where the sensitivity store keeps maps (for the by-key fallback)
     requests: dict[str, SensitivityRequest] = field(default_factory=dict)
     needs: RankingNeeds | None = None
@@ -88,6 +90,26 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
+def build_trial_plan(config: dict[str, Any], ranking: Ranking,
+                     load_full: Callable[[], SensitivityMap]) -> tuple[TuningPlan, str]:
+    """The trial's plan and where it came from: "ranking" (the object-store prefix), "layout" (baselines),
+    or "full-map" when the configuration reaches deeper than the prefix (the store sizes the prefix for
+    the search space's corners; a budget near what the whole model can absorb needs every entry)."""
+    method = config["method"]
+    kwargs = dict(budget=config.get("budget"), alpha=float(config.get("alpha") or 10.0),
+                  rank=int(config.get("rank") or 8), bits=config.get("bits"))
+    if method not in SPT_METHODS:
+        return build_plan(method, ranking.layout, **kwargs), "layout"
+    try:
+        plan = build_plan(method, ranking, **kwargs)
+        if not ranking.truncated or plan.meta["num_top_entries"] < ranking.ids.numel():
+            return plan, "ranking"
+    except ValueError:  # spt_core: "the ranking holds only the top k entries ..."
+        if not ranking.truncated:
+            raise
+    return build_plan(method, load_full(), **kwargs), "full-map"
+
+
 def fetch_ranking(context: TrialContext, rankings: dict[str, ray.ObjectRef],
                   task: str) -> tuple[ray.ObjectRef, Ranking]:
     """The task's ranking from the ref the driver passed; if its owner is gone (the store actor restarted
@@ -113,12 +135,9 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
     seed = int(config.get("seed", context.train.get("seed", 42)))
 
     ranking_ref, ranking = fetch_ranking(context, rankings, task_name)
-    plan = build_plan(method, ranking if method in SPT_METHODS else ranking.layout, budget=config.get("budget"),
-                      alpha=float(config.get("alpha") or 10.0), rank=int(config.get("rank") or 8),
-                      bits=config.get("bits"))
-    if method in SPT_METHODS and ranking.truncated and plan.meta.get("num_top_entries", 0) >= ranking.ids.numel():
-        raise ValueError(f"the ranking of {task_name} holds {ranking.ids.numel():,} entries, which this config "
-                         "exhausts; raise sensitivity.ranking_margin")
+    meta = context.rankings_meta.get(task_name, {})
+    plan, plan_source = build_trial_plan(
+        config, ranking, lambda: load_map(Storage.of(context.storage_root), meta["key_fields"]))
     cfg = TrainConfig(**{**context.train, "lr": float(config["lr"]), "weight_decay": float(config["weight_decay"]),
                          "seed": seed})
     trainer, train_loader, eval_loader = prepare_run(task, context.backbone, plan, cfg, phase=context.phase,
@@ -141,7 +160,9 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
         "task": task_name, "method": method, "epochs": cfg.epochs, "seed": seed,
         "trainable_params": plan.trainable_params, "storage_bytes": plan.storage_bytes,
         "sensitivity_key": context.rankings_meta.get(task_name, {}).get("key"),
-        "ranking_object": ranking_ref.hex(), "ranking_bytes": ranking.nbytes, "restarts": restarts,
+        "sensitivity_s": context.rankings_meta.get(task_name, {}).get("sensitivity_s"),
+        "ranking_object": ranking_ref.hex(), "plan_source": plan_source, "restarts": restarts,
+        "ranking_bytes": ranking.nbytes + (4 * ranking.num_entries if plan_source == "full-map" else 0),
         "host": socket.gethostname(), "device": _device_name(trainer.device),
         "node_id": ray.get_runtime_context().get_node_id(), **package_versions(),
     }

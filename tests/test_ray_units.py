@@ -23,6 +23,7 @@ from spt_ray.search import FixedSearcher, PerTaskScheduler, PerTaskSearcher
 from spt_ray.space import RankingNeeds, SearchSpace
 from spt_ray.spec import SweepSpec
 from spt_ray.storage import Storage
+from spt_ray.trainable import build_trial_plan
 from spt_ray.store import (MAP_FILE, MapUnavailable, SensitivityRequest, load_map, persist_map, rank_from_disk,
                            truncated_ranking)
 
@@ -320,10 +321,39 @@ def test_maps_persist_verify_and_reload(shapes_map, tmp_path, uri):
     assert not list(tmp_path.rglob("*.tmp"))
     status, ranking, info = rank_from_disk(storage, key_fields, NEEDS)
     assert status == "ok" and torch.equal(load_map(storage, key_fields).flat_scores(), smap.flat_scores())
-    assert ranking.ids.numel() == info["k"]
+    assert ranking.ids.numel() == info["k"] and "cached" not in info
+    status, cached, info = rank_from_disk(storage, key_fields, NEEDS)  # the derived ranking is kept on disk
+    assert info["cached"] and torch.equal(cached.ids, ranking.ids) and torch.equal(cached.scores, ranking.scores)
     other = {**key_fields, "seed": 1}  # same directory, different request: a mismatch, not a silent reuse
     with pytest.raises(MapUnavailable, match="differ"):
         load_map(storage, other)
     blob = tmp_path / "sensitivity" / key_fields["key"] / MAP_FILE
     blob.write_bytes(blob.read_bytes()[:-8] + b"corrupt!")
     assert rank_from_disk(storage, key_fields, NEEDS)[:2] == ("unavailable", "corrupt")
+
+
+def test_configs_deeper_than_the_prefix_read_the_full_map(shapes_map):
+    """A budget beyond what rank-4 LoRA on every tensor can absorb needs the whole ranking: the store counts
+    such corners as deep and keeps a prefix sized for the others; a trial with such a config loads the map."""
+    _, smap = shapes_map
+    space = SearchSpace.from_dict({"budget": [0.001, 0.2], "rank": [4, 16]})
+    ranking, info = truncated_ranking(smap, RankingNeeds(space, depth_factor=2))
+    assert info["deep_corners"] > 0 and ranking.truncated
+    loads = []
+
+    def load_full():
+        loads.append(1)
+        return smap
+
+    resolved = space.resolve(smap.layout.total_params)
+    deep = {"method": "spt-lora", "budget": resolved.budget_high, "alpha": 20.0, "rank": 4, "bits": None}
+    plan, source = build_trial_plan(deep, ranking, load_full)
+    assert source == "full-map" and loads == [1]
+    assert plan.to_dict()["tensors"] == allocate(smap, resolved.budget_high, structured="lora", rank=4,
+                                                 alpha=20.0).to_dict()["tensors"]
+    shallow = {**deep, "budget": resolved.budget_low * 4, "rank": 16}
+    plan, source = build_trial_plan(shallow, ranking, load_full)
+    assert source == "ranking" and loads == [1]
+    assert plan.trainable_params == allocate(smap, shallow["budget"], structured="lora", rank=16,
+                                             alpha=20.0).trainable_params
+    assert build_trial_plan({"method": "linear", "lr": 1e-3}, ranking, load_full)[1] == "layout"
