@@ -11,9 +11,11 @@ with the whole backbone unfrozen), and every trial of a task needs the same one.
   a restarted actor reloads it instead of recomputing. A missing manifest, a checksum or a key mismatch
   is logged and the map is recomputed;
 * `ray.put`s, from the actor itself, only what trials need: the global ranking truncated at the deepest
-  top-k any configuration of the search space can use (int32 ids + fp32 scores + the layout). Objects
-  are owned by their creator; put by a detached actor they outlive the driver, so a resumed driver or a
-  trial rescheduled on another node still reads them.
+  top-k the corners of the search space use (`Ranking.compact()`: int32 ids, bfloat16 scores, the
+  layout). Objects are owned by their creator; put by a detached actor they outlive the driver, so a
+  resumed driver or a trial rescheduled on another node still reads them. The derived ranking is also
+  kept next to the map (`ranking-<needs hash>.safetensors`, checksummed), so a reload skips the
+  allocation search; the rare configuration deeper than the prefix reads the full map from storage.
 
 The actor is pinned to the head node (node affinity on the head's node id) and reserves no CPU, so it
 never holds a slot trials could use and dies only with the cluster. Computing a map runs as a Ray task
