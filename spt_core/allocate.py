@@ -67,7 +67,8 @@ def _totals(owner: torch.Tensor, occurrence: torch.Tensor, c: _Costs, capped: to
 
 
 def _select(owner: torch.Tensor, occurrence: torch.Tensor, c: _Costs, budget: int, fill: bool):
-    """The prefix length k, the capped tensors and the total of the chosen plan.
+    """The prefix length k, the capped tensors, the total of the chosen plan, and whether the walk used up
+    the ranking (a longer ranking might then do better).
 
     First the best prefix of the ranking (SPT's rule). If its total misses the budget by more than the
     tolerance because the next entry would switch a tensor whose P_struct does not fit, that tensor is
@@ -79,10 +80,13 @@ def _select(owner: torch.Tensor, occurrence: torch.Tensor, c: _Costs, budget: in
         totals = _totals(owner, occurrence, c, capped)
         valid = totals <= budget
         best = int(totals[valid].max())
-        k = int(torch.nonzero(valid & (totals == best))[-1])
-        if not fill or best >= (1 - BUDGET_TOLERANCE) * budget or k == owner.numel():
-            return k, capped, best
-        capped[owner[k]] = True
+        ties = torch.nonzero(valid & (totals == best)).squeeze(1)
+        # Entries after the first k reaching `best` add nothing (their tensors are switched or capped), so
+        # the plan is the same for every tied k: report the smallest; the last one shows what overshoots.
+        first, last = int(ties[0]), int(ties[-1])
+        if not fill or best >= (1 - BUDGET_TOLERANCE) * budget or last == owner.numel():
+            return first, capped, best, last == owner.numel()
+        capped[owner[last]] = True
 
 
 def allocate(
@@ -122,8 +126,9 @@ def allocate(
         raise ValueError(f"budget {budget:,} exceeds the {costs.eligible:,} tunable parameters of this model; "
                          f"use full fine-tuning instead")
 
-    ranking, owner, occurrence, k, capped, total = _search(sensitivity, budget, costs, fill=alpha >= 1)
-    if ranking.truncated and k == ranking.ids.numel() and total < (1 - BUDGET_TOLERANCE) * budget:
+    ranking, owner, occurrence, k, capped, total, exhausted = _search(sensitivity, budget, costs, fill=alpha >= 1)
+    saturated = bool(((torch.bincount(owner, minlength=capped.numel()) >= costs.threshold) | capped).all())
+    if ranking.truncated and exhausted and not saturated and total < (1 - BUDGET_TOLERANCE) * budget:
         raise ValueError(f"the ranking holds only the top {k:,} entries, which reach {total:,} of the {budget:,} "
                          f"budget; build it for a larger maximum budget")
     keep = ~(capped[owner[:k]] & (occurrence[:k] >= costs.threshold[owner[:k]]))
@@ -146,9 +151,9 @@ def _search(sensitivity: SensitivityMap | Ranking, budget: int, costs: _Costs, f
     while True:
         ranking = Ranking.from_scores(flat, sensitivity.layout, n)
         owner, occurrence = _owners(ranking.ids, costs)
-        k, capped, total = _select(owner, occurrence, costs, budget, fill)
-        if k < n or n == flat.numel():
-            return ranking, owner, occurrence, k, capped, total
+        k, capped, total, exhausted = _select(owner, occurrence, costs, budget, fill)
+        if not exhausted or n == flat.numel():
+            return ranking, owner, occurrence, k, capped, total, exhausted
         n = min(flat.numel(), 4 * n)
 
 

@@ -161,3 +161,14 @@ def test_thresholds_use_ceil_of_p_over_alpha():
                         if t.name == "blocks.0.attn.q.weight" else 1e-6 * torch.rand(t.numel))
         plan = allocate(smap, 48 + (p if expected == "lora" else n_hot))
         assert plan.tensors["blocks.0.attn.q.weight"].kind == expected
+
+
+def test_truncated_ranking_that_structures_everything_needs_no_more_entries():
+    layout = ModelLayout.from_model(tiny_vit())
+    smap = random_map(layout, seed=5)
+    ceiling = 48 + sum(structured_params("lora", t, 8) for t in layout.matrices) + sum(t.numel for t in layout.vectors)
+    full = allocate(smap, 2 * ceiling)
+    k = full.meta["num_top_entries"]
+    assert k < smap.num_entries and full.trainable_params == ceiling
+    short = allocate(smap.ranking(k + 5), 2 * ceiling)
+    assert as_simple(short) == as_simple(full)
