@@ -1,20 +1,29 @@
 """spt_ray: SPT sweeps on Ray (sensitivity store actor, Tune trainable, per-task Optuna search, Parquet results).
 
-The one entry point is `run_sweep(SweepSpec)`; everything else is exported for tools and tests.
+The one entry point is `run_sweep(SweepSpec)`; everything else is exported for tools and tests. Names are
+imported on first use, so light commands (`spt-ray cluster validate`) do not pay for Ray and torch.
 """
 
-from .driver import SweepResult, pareto_front, run_sweep, select_best, summarize_final
-from .results import SCHEMA, ResultsCallback, ResultsWriter, duckdb_connect, read_results
-from .search import FixedSearcher, PerTaskScheduler, PerTaskSearcher
-from .space import RankingNeeds, SearchSpace
-from .spec import Resources, SchedulerSpec, SensitivitySpec, SweepSpec
-from .storage import Storage
-from .store import RankingHandle, SensitivityRequest, SensitivityStore, get_store
-from .trainable import TrialContext, make_trainable, spt_trainable
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "SCHEMA", "FixedSearcher", "PerTaskScheduler", "PerTaskSearcher", "RankingHandle", "RankingNeeds", "Resources",
-    "ResultsCallback", "ResultsWriter", "SchedulerSpec", "SearchSpace", "SensitivityRequest", "SensitivitySpec",
-    "SensitivityStore", "Storage", "SweepResult", "SweepSpec", "TrialContext", "duckdb_connect", "get_store",
-    "make_trainable", "pareto_front", "read_results", "run_sweep", "select_best", "spt_trainable", "summarize_final",
-]
+_EXPORTS = {
+    "driver": ("SweepResult", "pareto_front", "run_sweep", "select_best", "summarize_final"),
+    "results": ("SCHEMA", "ResultsCallback", "ResultsWriter", "duckdb_connect", "read_results"),
+    "search": ("FixedSearcher", "PerTaskScheduler", "PerTaskSearcher"),
+    "space": ("RankingNeeds", "SearchSpace"),
+    "spec": ("Resources", "SchedulerSpec", "SensitivitySpec", "SweepSpec"),
+    "storage": ("Storage",),
+    "store": ("RankingHandle", "SensitivityRequest", "SensitivityStore", "get_store"),
+    "trainable": ("TrialContext", "make_trainable", "spt_trainable"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'spt_ray' has no attribute {name!r}")
+    value = getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value

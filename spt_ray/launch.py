@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .suites import recipe
-
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
@@ -47,6 +45,8 @@ def add_tune_args(p: argparse.ArgumentParser, *, suite: str | None = None) -> ar
 
 def spec_from_args(args: argparse.Namespace, suite: str) -> dict[str, Any]:
     """The suite's recipe with the config file and the flags applied, as a SweepSpec dict."""
+    from .suites import recipe
+
     spec = recipe(suite, smoke=args.smoke)
     if args.config:
         import yaml

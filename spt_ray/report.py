@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from .results import duckdb_connect, read_results
-from .storage import Storage
 
 # The best searched config per task, chosen on validation accuracy only (never on test).
 BEST_SQL = """
@@ -53,6 +51,9 @@ FROM results WHERE phase = 'final' AND row_kind = 'final' GROUP BY task, label, 
 
 
 def _connect(args: argparse.Namespace):
+    from .results import duckdb_connect, read_results
+    from .storage import Storage
+
     storage = Storage.of(args.storage)
     if storage.local and not Path(storage.root).is_dir():
         raise ValueError(f"--storage {args.storage} does not exist; pass the folder a sweep wrote to")
