@@ -278,6 +278,15 @@ def notes(out: dict[str, Any], raw: dict[str, Any], s: dict[str, Any], spec: Mod
         n.append("median step: " + ", ".join(f"{k} {v:.3f} s" for k, v in st["step_s_median"].items())
                  + f" at batch {st['batch']} ({st['rounds']} interleaved rounds); SPT/LoRA by CPU time "
                  f"{st.get('spt_vs_lora_cpu_time', float('nan')):.3f}")
+    rounds = st.get("spt_vs_lora_per_round") or []
+    if rounds:
+        n.append(f"SPT/LoRA step per round: {min(rounds):.3f}..{max(rounds):.3f} (median {figures.median(rounds):.3f}); "
+                 f"ratio of the fastest steps {min(st['step_s']['spt']) / min(st['step_s']['lora']):.3f}")
+    if _met("spt_vs_lora_step_time", out["spt_vs_lora_step_time"]) is False:
+        n.append("spt_vs_lora_step_time: missed. SPT's extra work per step over LoRA: every sparse matrix builds "
+                 "its merged weight twice (forward and backward: a copy of the weight each) and runs an SDDMM, and "
+                 "LayerNorm / bias deltas add their gradients; at a small batch on a CPU this fixed work is a "
+                 "larger share of the step than at batch 64 on a GPU. On a shared machine, check the spread above.")
     proj = memory_projection(raw.get("memory") or {})
     if proj:
         raw.setdefault("memory", {})["projection"] = proj
