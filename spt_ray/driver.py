@@ -317,8 +317,8 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         trials: dict[str, dict[str, int]] = {}
         # phase 1: search (validation only)
         spaces = {t: spec.space.resolve(h.total_params) for t, h in handles.items()}
-        fixed = fixed_configs(spec.baselines, lr=spec.train.lr, weight_decay=spec.train.weight_decay,
-                              bits=spec.space.bits)
+        fixed = fixed_configs(spec.baselines if spec.search_baselines else (), lr=spec.train.lr,
+                              weight_decay=spec.train.weight_decay, bits=spec.space.bits)
         searcher = PerTaskSearcher(spaces, spec.num_samples, seed=spec.seed, multi_objective=spec.multi_objective,
                                    fixed=fixed)
         use_asha = spec.scheduler.kind == "asha" and not spec.multi_objective

@@ -45,6 +45,7 @@ def add_tune_args(p: argparse.ArgumentParser, *, suite: str | None = None) -> ar
 
 def spec_from_args(args: argparse.Namespace, suite: str) -> dict[str, Any]:
     """The suite's recipe with the config file and the flags applied, as a SweepSpec dict."""
+    from .spec import absolute
     from .suites import recipe
 
     spec = recipe(suite, smoke=args.smoke)
@@ -73,7 +74,7 @@ def spec_from_args(args: argparse.Namespace, suite: str) -> dict[str, Any]:
     spec["resume"] = bool(args.resume)
     spec["run_final"] = not args.no_final and spec.get("run_final", True)
     spec["storage"] = args.storage or spec.get("storage") or str(Path("runs") / spec["name"])
-    spec["data_root"] = args.data_root or spec.get("data_root") or _default_data_root(spec)
+    spec["data_root"] = absolute(args.data_root or spec.get("data_root") or _default_data_root(spec))
     return spec
 
 

@@ -23,6 +23,11 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # safe as a directory 
 SUITES = ("mini", "vtab", "fgvc")
 
 
+def absolute(location: str) -> str:
+    """A local path made absolute (URIs unchanged): a relative path means nothing to a trial elsewhere."""
+    return location if "://" in location else str(Path(location).expanduser().resolve())
+
+
 def _safe_name(value: str, what: str) -> str:
     if not isinstance(value, str) or not SAFE_NAME.match(value):
         raise ValueError(f"{what} {value!r} must match {SAFE_NAME.pattern} (it names directories and partitions)")
@@ -117,6 +122,7 @@ class SweepSpec:
     num_samples: int = 8
     space: SearchSpace = field(default_factory=SearchSpace)
     baselines: tuple[str, ...] = ()
+    search_baselines: bool = True  # also run the baselines in the search phase (val numbers beside SPT's)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     seed: int = 0
     max_concurrent: int = 2
@@ -145,6 +151,8 @@ class SweepSpec:
             _safe_name(t, "task")
         if not self.data_root or not self.storage:
             raise ValueError("data_root and storage are required")
+        for key in ("data_root", "storage"):  # trials run in other directories and on other nodes
+            object.__setattr__(self, key, absolute(getattr(self, key)))
         bad = [b for b in self.baselines if b not in BASELINE_METHODS]
         if bad:
             raise ValueError(f"unknown baselines {bad}; choose from {BASELINE_METHODS}")
@@ -221,4 +229,4 @@ class SweepSpec:
     @property
     def search_samples(self) -> int:
         """Trials of the search experiment: searched ones plus one fixed trial per baseline, per task."""
-        return len(self.tasks) * (self.num_samples + len(self.baselines))
+        return len(self.tasks) * (self.num_samples + (len(self.baselines) if self.search_baselines else 0))

@@ -23,7 +23,7 @@ def backbone_flags(backbone) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, ray_mini_root, ray_backbone, tmp_path_factory):
-    """One tiny sweep through `spt-ray tune`: search (2 SPT trials + 2 baselines) and a one-seed final phase."""
+    """One tiny sweep through `spt-ray tune`: search (2 SPT trials) and a one-seed final phase with 2 baselines."""
     storage = tmp_path_factory.mktemp("cli-sweep")
     code = main(["tune", "--suite", "mini", "--tasks", "count", "--data-root", ray_mini_root, "--storage",
                  str(storage), "--name", "cli", "--num-samples", "2", "--epochs", "2", "--final-seeds", "42",
@@ -43,7 +43,7 @@ def test_results_query_and_pareto(sweep, capsys):
     code, out, _ = run_cli(capsys, "results", "query", "--storage", sweep, "--format", "csv",
                            "SELECT phase, row_kind, count(*) AS n FROM results GROUP BY ALL ORDER BY ALL")
     rows = {tuple(line.split(",")[:2]): int(line.split(",")[2]) for line in out.strip().splitlines()[1:]}
-    assert code == 0 and rows[("search", "trial")] == 4 and rows[("final", "final")] == 3
+    assert code == 0 and rows[("search", "trial")] == 2 and rows[("final", "final")] == 3
     code, out, _ = run_cli(capsys, "results", "pareto", "--storage", sweep, "--format", "json")
     front = json.loads(out)
     assert code == 0 and front
