@@ -105,7 +105,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def pretrain_embedded(out_path: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: int = 96,
+def pretrain_embedded(out_path: str | Path, *, seed: int = 0, steps: int = 2000, batch_size: int = 96,
                       lr: float = 2e-3, weight_decay: float = 0.05, threads: int = 2, eval_images: int = 2048,
                       progress: bool = True) -> dict[str, Any]:
     """Pretrain the embedded ViT on the upstream task; write safetensors + ``<stem>.json``; return the recipe."""

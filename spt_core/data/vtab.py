@@ -119,11 +119,9 @@ class VtabDataset(Dataset):
 def vtab_loaders(root: str | Path, task: str, *, train_split: str = "train800", eval_split: str = "val200",
                  img_size: int | None = None, batch_size: int = 64, eval_batch_size: int | None = None,
                  seed: int = 0, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Seeded (train, eval) loaders for a VTAB-layout task; img_size defaults to the task's native size."""
-    try:
-        size = img_size or task_info(task).img_size
-    except KeyError:
-        size = 224
+    """Seeded (train, eval) loaders for a VTAB-layout task; img_size defaults to the task's native size
+    (224, or 32 for the mini suite)."""
+    size = img_size or (task_info(task).img_size if task in MINI_TASKS else 224)
     train_set = VtabDataset(root, task, train_split, img_size=size)
     eval_set = VtabDataset(root, task, eval_split, img_size=size)
     return make_loaders(train_set, eval_set, batch_size=batch_size, eval_batch_size=eval_batch_size,
