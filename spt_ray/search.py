@@ -58,7 +58,26 @@ def reached_end(result: dict[str, Any] | None) -> bool:
         and result["epoch"] >= result["epochs"]
 
 
-class PerTaskSearcher(Searcher):
+class ResumableSearcher(Searcher):
+    """A Searcher whose whole state is its attributes: Tune saves it on every experiment checkpoint and
+    restores it on `Tuner.restore` (files written by Tune itself, in the experiment directory)."""
+
+    def get_state(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.get_state(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.set_state(pickle.load(fh))
+
+
+class PerTaskSearcher(ResumableSearcher):
     """One Optuna study per task inside one Tune experiment; see the module docstring."""
 
     def __init__(self, spaces: dict[str, ResolvedSpace], num_samples: int, *, seed: int = 0,
@@ -127,21 +146,6 @@ class PerTaskSearcher(Searcher):
             study.on_trial_complete(trial_id, None, error=False)
             self.told[trial_id] = "PRUNED"
 
-    # ---- resume ----------------------------------------------------------------------------------
-    def get_state(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.get_state(), fh)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.set_state(pickle.load(fh))
-
     # ---- introspection ---------------------------------------------------------------------------
     def study(self, task: str) -> optuna.Study:
         return self.studies[task]._ot_study
@@ -153,7 +157,7 @@ class PerTaskSearcher(Searcher):
         return counts
 
 
-class FixedSearcher(Searcher):
+class FixedSearcher(ResumableSearcher):
     """Hands out `configs` in order, then FINISHED; resumable (the index is its state)."""
 
     def __init__(self, configs: Sequence[dict[str, Any]]):
@@ -173,19 +177,6 @@ class FixedSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         pass
 
-    def get_state(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.get_state(), fh)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.set_state(pickle.load(fh))
 
 
 class PerTaskScheduler(FIFOScheduler):
