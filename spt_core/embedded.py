@@ -142,7 +142,8 @@ def pretrain_embedded(out_path: str | Path, *, seed: int = 0, steps: int = 2000,
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_name(out_path.name + ".tmp")
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"name": EMBEDDED_NAME, "seed": str(seed), "steps": str(steps)})
+                  # one metadata key: safetensors writes a map's keys in no fixed order
+                  metadata={"spt": json.dumps({"name": EMBEDDED_NAME, "seed": seed, "steps": steps}, sort_keys=True)})
         tmp.replace(out_path)
         recipe = {
             "name": EMBEDDED_NAME, "architecture": "timm VisionTransformer", "config": EMBEDDED_CONFIG,

@@ -200,3 +200,15 @@ def test_embedded_backbone_loads_shipped_weights() -> None:
     assert torch.equal(_features(again), _features(model))
     _, rand = create_backbone("spt-mini-vit", weights="random", num_classes=3, seed=0)
     assert rand.weights is None and rand.weights_sha256 != info.weights_sha256
+
+
+def test_pretrain_embedded_is_reproducible(tmp_path: Path) -> None:
+    from spt_core.embedded import pretrain_embedded
+
+    kw = dict(seed=3, steps=2, batch_size=4, eval_images=8, progress=False)
+    a = pretrain_embedded(tmp_path / "a" / "w.safetensors", **kw)
+    b = pretrain_embedded(tmp_path / "b" / "w.safetensors", **kw)
+    assert a["sha256"] == b["sha256"] == _sha(tmp_path / "a" / "w.safetensors")
+    assert json.loads((tmp_path / "a" / "w.json").read_text())["steps"] == 2
+    model, info = create_backbone("spt-mini-vit", weights=tmp_path / "a" / "w.safetensors", num_classes=2)
+    assert info.weights_sha256 == a["sha256"]
