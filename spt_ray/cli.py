@@ -49,6 +49,17 @@ def cmd_data_mini(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_probe(args: argparse.Namespace) -> int:
+    from spt_core.mini_eval import format_table, probe_table
+
+    rows = probe_table(args.out, tasks=args.tasks, methods=args.methods, epochs=args.epochs,
+                       backbone=_backbone(args), progress=True)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
 def cmd_backbone_pretrain(args: argparse.Namespace) -> int:
     from spt_core.embedded import pretrain_embedded
 
@@ -239,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", type=_csv, help="comma-separated subset")
+    p = command("probe", cmd_data_probe, "is the mini suite meaningful? train linear probe / LoRA / full "
+                "fine-tuning per task on train800 and print val200 accuracy next to chance", data)
+    p.add_argument("--out", required=True, help="folder for the suite (written there if absent)")
+    p.add_argument("--tasks", type=_csv, help="comma-separated subset (default: all eight)")
+    p.add_argument("--methods", type=_csv, default=["linear", "lora", "full"])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    _add_backbone_args(p)
 
     backbone = sub.add_parser("backbone", help="the embedded backbone").add_subparsers(dest="bb_command",
                                                                                       required=True)

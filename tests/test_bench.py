@@ -42,3 +42,24 @@ def test_bench_quick_tiny_writes_every_field(tmp_path):
     assert results["cost_model"]["rows"], results["cost_model"]
     assert "| sensitivity_vs_step" in proc.stdout  # the printed table
     assert str(ROOT) not in out.read_text()  # no path of the measuring machine in the results
+
+
+def test_ablation_shuffled_map_keeps_scores_and_moves_them():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from ablation import shuffled
+
+    from spt_core.layout import ModelLayout
+    from spt_core.sensitivity import SensitivityMap
+    from tests.conftest import tiny_vit
+
+    model = tiny_vit()
+    layout, params = ModelLayout.from_model(model), dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    smap = SensitivityMap({p: torch.rand(params[p].shape, generator=g) for p in layout.scored_params}, layout)
+    mixed = shuffled(smap, seed=1)
+    assert list(mixed) == list(smap) and all(mixed[n].shape == smap[n].shape for n in smap)
+    before = torch.cat([smap[n].flatten() for n in smap])
+    after = torch.cat([mixed[n].flatten() for n in smap])
+    assert torch.equal(before.sort().values, after.sort().values)
+    assert (before != after).float().mean() > 0.99

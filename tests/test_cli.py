@@ -110,6 +110,7 @@ def test_data_mini_and_cluster_validate(capsys, tmp_path):
     (["export", "--storage", "{tmp}", "--trial-id", "x", "--out", "{tmp}/d"], "no Tune experiments"),
     (["evaluate", "--delta", "{tmp}"], "missing"),
     (["data", "mini", "--out", "{tmp}", "--tasks", "nope"], "nope"),
+    (["data", "probe", "--out", "{tmp}", "--methods", "linear,nope"], "nope"),
     (["cluster", "validate", "{tmp}/none.yaml"], "none.yaml"),
     (["backbone", "info", "--weights", "{tmp}/none.pth"], "does not exist"),
 ])
