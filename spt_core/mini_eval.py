@@ -23,8 +23,8 @@ def probe_table(root: str | Path, *, tasks: Sequence[str] | None = None,
                 methods: Sequence[str] = ("linear", "lora", "full"), epochs: int = 30,
                 lr: dict[str, float] | None = None, seed: int = 42, suite_seed: int = 0,
                 backbone: BackboneRef | None = None, progress: bool = False) -> list[dict[str, Any]]:
-    """One row per (task, method): group, classes, chance, trainable params, best and final val accuracy,
-    seconds per epoch. The suite is written under ``root`` first if it is not there yet."""
+    """One row per (task, method): group, classes, chance, trainable params (head included, so the linear
+    probe's count is its head), best and final val accuracy, seconds per epoch. The suite is written under ``root`` first if it is not there yet."""
     names = list(tasks or MINI_TASKS)
     unknown = [m for m in methods if m not in PROBE_LR]
     if unknown:

@@ -184,7 +184,8 @@ def released_allocation(task: str, target: float | int | str, structured: str = 
                         directory: str | os.PathLike | None = None) -> ReleasedAllocation:
     """One released allocation as published (see `released_plan` for the arguments)."""
     if task not in VTAB_TASKS:
-        raise ValueError(f"unknown task {task!r}; SPT released plans for the VTAB-1k tasks: {', '.join(sorted(VTAB_TASKS))}")
+        raise ValueError(f"unknown task {task!r}; SPT released plans cover the VTAB-1k tasks: "
+                         f"{', '.join(sorted(VTAB_TASKS))}")
     tables = _tables(directory)
     index = tables.plans
     types = sorted({k[0] for k in index})

@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .spec import SweepSpec
 
 
 def _csv(text: str) -> list[str]:
@@ -45,7 +48,6 @@ def add_tune_args(p: argparse.ArgumentParser, *, suite: str | None = None) -> ar
 
 def spec_from_args(args: argparse.Namespace, suite: str) -> dict[str, Any]:
     """The suite's recipe with the config file and the flags applied, as a SweepSpec dict."""
-    from .spec import absolute
     from .suites import recipe
 
     spec = recipe(suite, smoke=args.smoke)
@@ -74,7 +76,7 @@ def spec_from_args(args: argparse.Namespace, suite: str) -> dict[str, Any]:
     spec["resume"] = bool(args.resume)
     spec["run_final"] = not args.no_final and spec.get("run_final", True)
     spec["storage"] = args.storage or spec.get("storage") or str(Path("runs") / spec["name"])
-    spec["data_root"] = absolute(args.data_root or spec.get("data_root") or _default_data_root(spec))
+    spec["data_root"] = args.data_root or spec.get("data_root") or _default_data_root(spec)
     return spec
 
 
@@ -84,15 +86,15 @@ def _default_data_root(spec: dict[str, Any]) -> str:
     return str(Path(spec["storage"]) / "data") if "://" not in spec["storage"] else str(Path("runs") / "data")
 
 
-def prepare_data(spec: dict[str, Any]) -> None:
+def prepare_data(spec: SweepSpec) -> None:
     """The mini suite is generated on first use; real suites must already be on disk."""
-    root = Path(spec["data_root"])
-    if spec["suite"] == "mini":
+    root = Path(spec.data_root)
+    if spec.suite == "mini":
         from spt_core.data.mini import write_mini_suite
 
-        write_mini_suite(root, tasks=spec["tasks"])
+        write_mini_suite(root, tasks=list(spec.tasks))
     elif not root.is_dir():
-        raise ValueError(f"--data-root {root} is not a folder; put the {spec['suite']} data there "
+        raise ValueError(f"--data-root {root} is not a folder; put the {spec.suite} data there "
                          f"(see cluster/README.md)")
 
 
@@ -102,7 +104,7 @@ def run_from_args(args: argparse.Namespace, suite: str | None = None):
 
     data = spec_from_args(args, suite or args.suite)
     spec = SweepSpec.from_dict(data)
-    prepare_data(data)
+    prepare_data(spec)
     result = run_sweep(spec)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1, default=str))

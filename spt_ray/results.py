@@ -293,7 +293,6 @@ class ResultsCallback(Callback):
         self.writer.put(summary_row(self.ctx, result, trial_id=trial.trial_id, error=error))
 
 
-
 def run_status(result: dict[str, Any], error: bool) -> str:
     """completed (all epochs), stopped (early, by the scheduler) or error."""
     if error:

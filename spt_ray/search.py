@@ -178,7 +178,6 @@ class FixedSearcher(ResumableSearcher):
         pass
 
 
-
 class PerTaskScheduler(FIFOScheduler):
     """One ASHA per task (by `config["task"]`) on val_acc over epochs; `searched: False` trials always go on.
 

@@ -159,8 +159,7 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
     static = {
         "task": task_name, "method": method, "epochs": cfg.epochs, "seed": seed,
         "trainable_params": plan.trainable_params, "storage_bytes": plan.storage_bytes,
-        "sensitivity_key": context.rankings_meta.get(task_name, {}).get("key"),
-        "sensitivity_s": context.rankings_meta.get(task_name, {}).get("sensitivity_s"),
+        "sensitivity_key": meta.get("key"), "sensitivity_s": meta.get("sensitivity_s"),
         "ranking_object": ranking_ref.hex(), "plan_source": plan_source, "restarts": restarts,
         "ranking_bytes": ranking.nbytes + (4 * ranking.num_entries if plan_source == "full-map" else 0),
         "host": socket.gethostname(), "device": _device_name(trainer.device),
