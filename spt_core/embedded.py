@@ -1,9 +1,12 @@
 """The embedded backbone: a small ViT pretrained by this project on a generated upstream task.
 
-Upstream task (different from every mini-suite task): 128 classes = 8 shapes x 4 fill textures
-x 4 colour families, one large object at a random position, scale and rotation over a cluttered
-background (smooth colour noise or a low-contrast texture) with 0-2 small distractor objects.
-Images are generated on the fly from a seed, so pretraining needs no download.
+Upstream task (different from every mini-suite task), four heads trained jointly on one image:
+``object`` (128 classes = 8 shapes x 4 fill textures x 4 colour families of one large object at a random
+position, scale and rotation), ``position`` (3 x 3 cell of the object's centre), ``heading`` (which of 4
+quadrants an L-shaped marker points to) and ``distractors`` (0-3 small extra objects), over a cluttered
+background. A single object label taught only appearance and left counts, positions and orientations
+invisible to a linear probe; the geometric heads make the features carry them. Images are generated on
+the fly from a seed, so pretraining needs no download.
 
 ``pretrain_embedded`` is reproducible (same seed, steps and thread count -> same weights on the same
 torch build) and writes ``spt_mini_vit.safetensors`` plus a JSON recipe next to it.
@@ -32,22 +35,27 @@ EMBEDDED_NAME = "spt-mini-vit"
 EMBEDDED_CONFIG: dict[str, Any] = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0)
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 EMBEDDED_WEIGHTS = ASSET_DIR / "spt_mini_vit.safetensors"
-UPSTREAM_VERSION = 1
+UPSTREAM_VERSION = 2
+PRETRAIN_STEPS = 18_000  # ~32 min on 2 CPU cores; the geometric heads start learning after ~4k steps
 
 UPSTREAM_SHAPES = ("disk", "square", "triangle", "hexagon", "star", "cross", "ring", "ellipse")
 UPSTREAM_FILLS = ("solid", "stripes", "checker", "dots")
 UPSTREAM_HUES = (0.0, 0.25, 0.5, 0.75)
 UPSTREAM_CLASSES = len(UPSTREAM_SHAPES) * len(UPSTREAM_FILLS) * len(UPSTREAM_HUES)
+UPSTREAM_HEADS: dict[str, int] = {"object": UPSTREAM_CLASSES, "position": 9, "heading": 4, "distractors": 4}
 
 
 def upstream_batch(rng: np.random.Generator, batch: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """One batch of the upstream task: uint8 images (B, S, S, 3) and labels in [0, 128)."""
-    labels = rng.integers(0, UPSTREAM_CLASSES, batch)
-    shape_i, rest = np.divmod(labels, len(UPSTREAM_FILLS) * len(UPSTREAM_HUES))
+    """One batch of the upstream task: uint8 images (B, S, S, 3) and labels (B, 4), one column per head
+    in ``UPSTREAM_HEADS`` order."""
+    obj = rng.integers(0, UPSTREAM_CLASSES, batch)
+    shape_i, rest = np.divmod(obj, len(UPSTREAM_FILLS) * len(UPSTREAM_HUES))
     fill_i, hue_i = np.divmod(rest, len(UPSTREAM_HUES))
+    heading = rng.integers(0, 4, batch)
+    n_distractors = rng.integers(0, 4, batch)
 
-    canvas = R.add_distractors(rng, R.cluttered_background(rng, batch, size))  # distractors under the object
-    radius = rng.uniform(6, 12, batch)
+    canvas = R.cluttered_background(rng, batch, size)
+    radius = rng.uniform(5, 10, batch)
     cx, cy = (rng.uniform(0.6 * radius, size - 0.6 * radius) for _ in range(2))
     cov = R.shape_coverage(np.array(UPSTREAM_SHAPES)[shape_i], cx, cy, radius,
                            rng.uniform(0, 2 * np.pi, batch), size)
@@ -56,7 +64,25 @@ def upstream_batch(rng: np.random.Generator, batch: int, size: int = 32) -> tupl
     c1 = c0 * rng.uniform(0.2, 0.55, (batch, 1))
     fill = R.two_tone(R.texture(rng, np.array(UPSTREAM_FILLS)[fill_i], size, freq=(0.2, 0.35)), c0, c1)
     canvas = R.paint(canvas, cov, fill)
-    return R.to_uint8(canvas, rng, noise=0.03), labels
+    # the marker goes on top of the object: hidden under it, its heading could not be learned
+    marker = R.shape_coverage(["ell"] * batch, rng.uniform(5, size - 5, batch), rng.uniform(5, size - 5, batch),
+                              rng.uniform(4.5, 7, batch), (heading + rng.uniform(-0.25, 0.25, batch)) * np.pi / 2,
+                              size)
+    canvas = R.paint(canvas, marker, R.random_colours(rng, batch))
+    for slot in range(3):
+        cov = R.shape_coverage(rng.choice(list(R.SHAPES), batch), rng.uniform(2, size - 2, batch),
+                               rng.uniform(2, size - 2, batch), rng.uniform(1.8, 2.8, batch),
+                               rng.uniform(0, 2 * np.pi, batch), size)
+        canvas = R.paint(canvas, cov * (slot < n_distractors)[:, None, None], R.random_colours(rng, batch))
+    cell = size / 3
+    position = np.minimum(cy // cell, 2).astype(np.int64) * 3 + np.minimum(cx // cell, 2).astype(np.int64)
+    return R.to_uint8(canvas, rng, noise=0.03), np.stack([obj, position, heading, n_distractors], axis=1)
+
+
+def upstream_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over heads of the label-smoothed cross-entropy; ``logits`` (B, sum of head sizes)."""
+    heads = logits.split(list(UPSTREAM_HEADS.values()), dim=1)
+    return sum(F.cross_entropy(h, labels[:, i], label_smoothing=0.1) for i, h in enumerate(heads))
 
 
 def to_model_input(images: np.ndarray) -> torch.Tensor:
@@ -83,17 +109,18 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def upstream_accuracy(model: torch.nn.Module, *, seed: int = 0, n: int = 2048, batch: int = 256) -> float:
-    """Top-1 accuracy on ``n`` held-out upstream images (their own seed stream)."""
+def upstream_accuracy(model: torch.nn.Module, *, seed: int = 0, n: int = 2048, batch: int = 256) -> dict[str, float]:
+    """Per-head top-1 accuracy on ``n`` held-out upstream images (their own seed stream)."""
     rng = np.random.default_rng([seed, UPSTREAM_VERSION, 2])
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = np.zeros(len(UPSTREAM_HEADS))
     for start in range(0, n, batch):
         images, labels = upstream_batch(rng, min(batch, n - start))
-        correct += int((model(to_model_input(images)).argmax(1).numpy() == labels).sum())
+        heads = model(to_model_input(images)).split(list(UPSTREAM_HEADS.values()), dim=1)
+        correct += [(h.argmax(1).numpy() == labels[:, i]).sum() for i, h in enumerate(heads)]
     model.train(was_training)
-    return correct / n
+    return {name: round(float(c) / n, 4) for name, c in zip(UPSTREAM_HEADS, correct)}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -105,8 +132,8 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def pretrain_embedded(out_path: str | Path, *, seed: int = 0, steps: int = 2000, batch_size: int = 96,
-                      lr: float = 2e-3, weight_decay: float = 0.05, threads: int = 2, eval_images: int = 2048,
+def pretrain_embedded(out_path: str | Path, *, seed: int = 0, steps: int = PRETRAIN_STEPS, batch_size: int = 32,
+                      lr: float = 1e-3, weight_decay: float = 0.05, threads: int = 2, eval_images: int = 2048,
                       progress: bool = True) -> dict[str, Any]:
     """Pretrain the embedded ViT on the upstream task; write safetensors + ``<stem>.json``; return the recipe."""
     out_path = Path(out_path)
@@ -114,7 +141,7 @@ def pretrain_embedded(out_path: str | Path, *, seed: int = 0, steps: int = 2000,
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        model = build_embedded_vit(UPSTREAM_CLASSES)
+        model = build_embedded_vit(sum(UPSTREAM_HEADS.values()))
         decay = [p for p in model.parameters() if p.ndim > 1]
         no_decay = [p for p in model.parameters() if p.ndim <= 1]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -128,8 +155,7 @@ def pretrain_embedded(out_path: str | Path, *, seed: int = 0, steps: int = 2000,
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step, steps, lr, warmup)
                 images, labels = upstream_batch(rng, batch_size)
-                loss = F.cross_entropy(model(to_model_input(images)), torch.from_numpy(labels),
-                                       label_smoothing=0.1)
+                loss = upstream_loss(model(to_model_input(images)), torch.from_numpy(labels))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -147,11 +173,14 @@ def pretrain_embedded(out_path: str | Path, *, seed: int = 0, steps: int = 2000,
         tmp.replace(out_path)
         recipe = {
             "name": EMBEDDED_NAME, "architecture": "timm VisionTransformer", "config": EMBEDDED_CONFIG,
-            "upstream_task": f"{UPSTREAM_CLASSES} classes: shapes {list(UPSTREAM_SHAPES)} x fills "
-                             f"{list(UPSTREAM_FILLS)} x hue families {list(UPSTREAM_HUES)}",
+            "upstream_task": {"heads": UPSTREAM_HEADS,
+                              "object": f"shapes {list(UPSTREAM_SHAPES)} x fills {list(UPSTREAM_FILLS)} x hue "
+                                        f"families {list(UPSTREAM_HUES)}",
+                              "position": "3 x 3 cell of the object centre", "heading": "L marker, 4 quadrants",
+                              "distractors": "0-3 small objects"},
             "upstream_version": UPSTREAM_VERSION, "seed": seed, "steps": steps, "batch_size": batch_size,
             "lr": lr, "weight_decay": weight_decay, "label_smoothing": 0.1, "threads": threads,
-            "upstream_eval_images": eval_images, "upstream_accuracy": round(acc, 4),
+            "upstream_eval_images": eval_images, "upstream_accuracy": acc,
             "final_train_loss_ema": round(float(loss_ema), 4), "train_seconds": round(train_s, 1),
             "torch": torch.__version__, "num_params": sum(p.numel() for p in model.parameters()),
             "file": out_path.name, "sha256": file_sha256(out_path),

@@ -63,7 +63,8 @@ def cmd_data_probe(args: argparse.Namespace) -> int:
 def cmd_backbone_pretrain(args: argparse.Namespace) -> int:
     from spt_core.embedded import pretrain_embedded
 
-    result = pretrain_embedded(args.out, seed=args.seed, steps=args.steps)
+    steps = {} if args.steps is None else {"steps": args.steps}
+    result = pretrain_embedded(args.out, seed=args.seed, **steps)
     print(json.dumps(result, indent=2, default=str) if isinstance(result, dict) else f"wrote {args.out}")
     return 0
 
@@ -265,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                 backbone)
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the shipped recipe's, "
+                                              "spt_core.embedded.PRETRAIN_STEPS)")
     p = command("info", cmd_backbone_info, "show a backbone's provenance (weights hash, size)", backbone)
     _add_backbone_args(p)
 

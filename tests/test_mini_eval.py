@@ -28,7 +28,10 @@ def test_probe_table_trains_each_method_on_the_generated_task(tmp_path: Path) ->
     assert linear["trainable"] == 2 * dim + 2
     assert full["trainable"] > 100 * linear["trainable"]
     for r in rows:
-        assert r["chance"] == 0.5 and r["n_val"] == 200 and 0.0 <= r["final_val_acc"] <= 1.0
-    table = format_table(rows)
-    assert table.splitlines()[0] == "| task | group | chance | linear | full | linear z |"
-    assert f"{100 * linear['final_val_acc']:.1f}" in table.splitlines()[2]
+        assert r["chance"] == 0.5 and r["n_val"] == 200 and r["n_test"] == 1000
+        assert 0.0 <= r["final_val_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
+    for split, key, n in (("test", "test_acc", 1000), ("val", "final_val_acc", 200)):
+        table = format_table(rows, split=split).splitlines()
+        assert table[0] == "| task | group | chance | linear | full | linear z |"
+        assert table[2].split(" | ")[3:] == [f"{100 * linear[key]:.1f}", f"{100 * full[key]:.1f}",
+                                              f"{margin_over_chance(linear[key], 0.5, n):+.1f} |"]
