@@ -13,9 +13,8 @@ from spt_core.data.fgvc import FGVC_TASKS
 from spt_core.data.vtab import VTAB_TASKS
 
 # The embedded default: generated tasks + the shipped mini ViT, sized to finish in minutes on 2 CPU cores.
-# Five of the eight tasks so the main job finishes within ten minutes on 2 CPU cores (six took 10 min 11 s);
-# `shapes` is left out because no method gets far above chance on it (see the README's probe table).
-# `--tasks` runs any subset, `spt-ray data mini` writes all eight.
+# Five of the eight tasks, one or more per group, so the main job finishes within ten minutes on 2 CPU cores
+# (five took 8 min 18 s, six 10 min 11 s). `--tasks` runs any subset, `spt-ray data mini` writes all eight.
 MINI: dict[str, Any] = {
     "name": "mini",
     "suite": "mini",
