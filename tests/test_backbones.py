@@ -212,3 +212,23 @@ def test_pretrain_embedded_is_reproducible(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "a" / "w.json").read_text())["steps"] == 2
     model, info = create_backbone("spt-mini-vit", weights=tmp_path / "a" / "w.safetensors", num_classes=2)
     assert info.weights_sha256 == a["sha256"]
+
+
+def test_upstream_batch_labels_every_head_within_its_classes() -> None:
+    from spt_core.embedded import UPSTREAM_HEADS, upstream_batch, upstream_loss
+
+    images, labels = upstream_batch(np.random.default_rng(0), 256)
+    again, labels2 = upstream_batch(np.random.default_rng(0), 256)
+    assert images.shape == (256, 32, 32, 3) and images.dtype == np.uint8 and labels.shape == (256, 4)
+    assert np.array_equal(images, again) and np.array_equal(labels, labels2)
+    for i, classes in enumerate(UPSTREAM_HEADS.values()):
+        assert 0 <= labels[:, i].min() and labels[:, i].max() < classes
+        assert np.unique(labels[:, i]).size > classes // 2  # every head varies over its range
+    logits = torch.randn(256, sum(UPSTREAM_HEADS.values()))
+    target = torch.from_numpy(labels)
+    expected, start = 0.0, 0
+    for i, classes in enumerate(UPSTREAM_HEADS.values()):
+        expected += torch.nn.functional.cross_entropy(logits[:, start:start + classes], target[:, i],
+                                                      label_smoothing=0.1)
+        start += classes
+    assert torch.allclose(upstream_loss(logits, target), expected)
