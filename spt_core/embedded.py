@@ -36,7 +36,7 @@ EMBEDDED_CONFIG: dict[str, Any] = dict(img_size=32, patch_size=4, embed_dim=96, 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 EMBEDDED_WEIGHTS = ASSET_DIR / "spt_mini_vit.safetensors"
 UPSTREAM_VERSION = 2
-PRETRAIN_STEPS = 18_000  # ~32 min on 2 CPU cores; the geometric heads start learning after ~4k steps
+PRETRAIN_STEPS = 18_000  # 31 min on 2 CPU cores; the geometric heads start learning after ~4k steps
 
 UPSTREAM_SHAPES = ("disk", "square", "triangle", "hexagon", "star", "cross", "ring", "ellipse")
 UPSTREAM_FILLS = ("solid", "stripes", "checker", "dots")
@@ -69,20 +69,20 @@ def upstream_batch(rng: np.random.Generator, batch: int, size: int = 32) -> tupl
                               rng.uniform(4.5, 7, batch), (heading + rng.uniform(-0.25, 0.25, batch)) * np.pi / 2,
                               size)
     canvas = R.paint(canvas, marker, R.random_colours(rng, batch))
-    for slot in range(3):
-        cov = R.shape_coverage(rng.choice(list(R.SHAPES), batch), rng.uniform(2, size - 2, batch),
-                               rng.uniform(2, size - 2, batch), rng.uniform(1.8, 2.8, batch),
-                               rng.uniform(0, 2 * np.pi, batch), size)
-        canvas = R.paint(canvas, cov * (slot < n_distractors)[:, None, None], R.random_colours(rng, batch))
+    canvas = R.add_distractors(rng, canvas, slots=3, radius=(1.8, 2.8), counts=n_distractors, margin=2.0)
     cell = size / 3
     position = np.minimum(cy // cell, 2).astype(np.int64) * 3 + np.minimum(cx // cell, 2).astype(np.int64)
     return R.to_uint8(canvas, rng, noise=0.03), np.stack([obj, position, heading, n_distractors], axis=1)
 
 
+def _split_heads(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, sum of head sizes) -> one (B, classes) block per head, in ``UPSTREAM_HEADS`` order."""
+    return logits.split(list(UPSTREAM_HEADS.values()), dim=1)
+
+
 def upstream_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over heads of the label-smoothed cross-entropy; ``logits`` (B, sum of head sizes)."""
-    heads = logits.split(list(UPSTREAM_HEADS.values()), dim=1)
-    return sum(F.cross_entropy(h, labels[:, i], label_smoothing=0.1) for i, h in enumerate(heads))
+    return sum(F.cross_entropy(h, labels[:, i], label_smoothing=0.1) for i, h in enumerate(_split_heads(logits)))
 
 
 def to_model_input(images: np.ndarray) -> torch.Tensor:
@@ -117,7 +117,7 @@ def upstream_accuracy(model: torch.nn.Module, *, seed: int = 0, n: int = 2048, b
     correct = np.zeros(len(UPSTREAM_HEADS))
     for start in range(0, n, batch):
         images, labels = upstream_batch(rng, min(batch, n - start))
-        heads = model(to_model_input(images)).split(list(UPSTREAM_HEADS.values()), dim=1)
+        heads = _split_heads(model(to_model_input(images)))
         correct += [(h.argmax(1).numpy() == labels[:, i]).sum() for i, h in enumerate(heads)]
     model.train(was_training)
     return {name: round(float(c) / n, 4) for name, c in zip(UPSTREAM_HEADS, correct)}

@@ -40,12 +40,12 @@ def probe_table(root: str | Path, *, tasks: Sequence[str] | None = None,
         task = TaskRef("mini", name, str(root))
         info = MINI_TASKS[name]
         layout = ModelLayout.from_model(load_backbone(backbone, task, seed=seed)[0])
+        test = make_loader(task, "test", batch_size=eval_batch_size(TrainConfig()), train=False, seed=seed)
         for method in methods:
             cfg = TrainConfig(epochs=epochs, lr=rates[method], warmup_epochs=max(1, epochs // 10), seed=seed)
             trainer, train, val = prepare_run(task, backbone, build_plan(method, layout), cfg, seed=seed,
                                               progress=progress)
             history = trainer.fit(train, val)
-            test = make_loader(task, "test", batch_size=eval_batch_size(cfg), train=False, seed=seed)
             rows.append({
                 "task": name, "group": info.group, "classes": info.num_classes,
                 "chance": round(1 / info.num_classes, 4), "method": method, "lr": rates[method],

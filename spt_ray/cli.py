@@ -65,7 +65,7 @@ def cmd_backbone_pretrain(args: argparse.Namespace) -> int:
 
     steps = {} if args.steps is None else {"steps": args.steps}
     result = pretrain_embedded(args.out, seed=args.seed, **steps)
-    print(json.dumps(result, indent=2, default=str) if isinstance(result, dict) else f"wrote {args.out}")
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", type=_csv, help="comma-separated subset")
     p = command("probe", cmd_data_probe, "is the mini suite meaningful? train linear probe / LoRA / full "
-                "fine-tuning per task on train800 and print val200 accuracy next to chance", data)
+                "fine-tuning per task on train800 and print test accuracy next to chance", data)
     p.add_argument("--out", required=True, help="folder for the suite (written there if absent)")
     p.add_argument("--tasks", type=_csv, help="comma-separated subset (default: all eight)")
     p.add_argument("--methods", type=_csv, default=["linear", "lora", "full"])

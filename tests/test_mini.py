@@ -95,3 +95,23 @@ def test_mini_loader_feeds_a_model(tmp_path: Path) -> None:
     x, y = next(iter(train))
     assert x.shape == (16, 3, 32, 32) and y.dtype == torch.int64
     assert len(val.dataset) == SMALL[1]
+
+
+def test_add_distractors_paints_exactly_the_given_counts() -> None:
+    from spt_core.data import render as R
+
+    counts = np.array([0, 1, 2, 3])
+    blank = np.zeros((4, 32, 32, 3))
+    painted = R.add_distractors(np.random.default_rng(0), blank, slots=3, radius=(2.5, 2.5), counts=counts,
+                                margin=8.0)
+    changed = (painted != 0).any(-1)
+    assert not changed[0].any() and changed[1:].any((1, 2)).all()
+    # one, two, three shapes of the same radius: the painted area grows with the count (overlaps aside)
+    assert changed[1].sum() < changed[3].sum()
+    # centres at least 8 px inside: shapes of radius 2.5 leave a 3-pixel border untouched
+    border = np.ones((32, 32), dtype=bool)
+    border[3:-3, 3:-3] = False
+    assert not changed[:, border].any()
+    unbounded = R.add_distractors(np.random.default_rng(0), np.zeros((64, 32, 32, 3)), slots=3,
+                                  radius=(2.5, 2.5), counts=np.full(64, 3))
+    assert (unbounded != 0).any(-1)[:, border].any()  # without the margin they do reach it

@@ -214,13 +214,15 @@ def cluttered_background(rng: np.random.Generator, batch: int, size: int, textur
 
 
 def add_distractors(rng: np.random.Generator, canvas: Array, *, slots: int = 2, prob: float = 0.5,
-                    radius: tuple[float, float] = (2.0, 4.0)) -> Array:
-    """Paint up to ``slots`` small random shapes (each present with ``prob``) anywhere on the canvas."""
+                    radius: tuple[float, float] = (2.0, 4.0), counts: Array | None = None,
+                    margin: float = 0.0) -> Array:
+    """Paint up to ``slots`` small random shapes with centres at least ``margin`` px inside the canvas:
+    each present with ``prob``, or exactly ``counts[i]`` of them in image ``i`` when ``counts`` is given."""
     batch, size = canvas.shape[0], canvas.shape[1]
-    for _ in range(slots):
-        present = rng.random(batch) < prob
-        cov = shape_coverage(rng.choice(list(SHAPES), batch), rng.uniform(0, size, batch),
-                             rng.uniform(0, size, batch), rng.uniform(*radius, batch),
+    for slot in range(slots):
+        present = rng.random(batch) < prob if counts is None else slot < counts
+        cov = shape_coverage(rng.choice(list(SHAPES), batch), rng.uniform(margin, size - margin, batch),
+                             rng.uniform(margin, size - margin, batch), rng.uniform(*radius, batch),
                              rng.uniform(0, 2 * np.pi, batch), size)
         canvas = paint(canvas, cov * present[:, None, None], random_colours(rng, batch))
     return canvas
