@@ -1,6 +1,6 @@
 """The SPT authors' 266 released allocations (supervised ViT-B/16, alpha 10, rank 8) as TuningPlans.
 
-The data folder holds `plans.parquet` (one row per plan) and `sparse_entries.parquet` (one row per plan and
+The data folder (by default the copy shipped in `spt_core/assets/released`) holds `plans.parquet` (one row per plan) and `sparse_entries.parquet` (one row per plan and
 tensor holding sparse entries); its README describes every column. The reference names tensors of a ViT with
 separate q / k / v Linears (`blocks.N.attn.q.weight`); those are exactly the logical names `ModelLayout`
 gives timm's fused `attn.qkv` row blocks, so entries map onto a timm ViT-B/16 without re-indexing.
@@ -36,12 +36,16 @@ MATRIX_COLUMNS = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.proj.
                   "mlp.fc2.weight")
 
 
+PACKAGED_DIR = Path(__file__).resolve().parent / "assets" / "released"  # shipped with the package
+
+
 def default_released_dir() -> Path:
-    """`$SPT_RELEASED_DIR`, else `<repo root>/../shared/spt_released_allocations`."""
+    """`$SPT_RELEASED_DIR`, else the copy shipped in the package (`spt_core/assets/released`, see its
+    PROVENANCE.md): every installation has the tables, and none needs the SPT repository's pickles."""
     env = os.environ.get(RELEASED_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "spt_released_allocations"
+    return PACKAGED_DIR
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,78 @@
 """The SPT authors' 266 released allocations as TuningPlans: exact accounting, surgery, errors, budget misses."""
 
 import copy
+import fnmatch
+import hashlib
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
 
+import spt_core
 from spt_core import ModelLayout, Ranking, SensitivityMap, TuningPlan, allocate, apply_plan, trainable_parameters
 from spt_core.compare import compare_allocations
 from spt_core.data.vtab import VTAB_TASKS
 from spt_core.released import (
-    MATRIX_COLUMNS, RELEASED_BACKBONE, RELEASED_TYPES, default_released_dir, load_plan_source,
+    MATRIX_COLUMNS, RELEASED_BACKBONE, RELEASED_DIR_ENV, RELEASED_TYPES, default_released_dir, load_plan_source,
     parse_target, released_allocation, released_index, released_plan, released_target_stats, vit_b16_layout,
 )
 
 TARGETS = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 CLS_TOKEN = 768
-HAVE_DATA = all((default_released_dir() / f).is_file() for f in ("plans.parquet", "sparse_entries.parquet"))
-needs_data = pytest.mark.skipif(
-    not HAVE_DATA, reason="SPT released allocations absent: put them in ../shared/spt_released_allocations "
-                          "next to the repository or set SPT_RELEASED_DIR")
+# Digests of the tables as converted from the SPT repository (see spt_core/assets/released/PROVENANCE.md).
+PLANS_FILE_SHA256 = "29ee9dc779644dddf9a978d8bf973b9a0c941ea7b14b7a704b589404c8be3c55"
+SPARSE_CONTENT_SHA256 = "6f065ef21b6a3037903cc1a4766c4ae618f6860e48f63af9e13f595e3d568dd5"
+
+
+def content_sha256(path: Path) -> str:
+    """A digest of a table's values (not of its encoding): column names, list offsets and values, strings."""
+    table = pq.read_table(path)
+    h = hashlib.sha256()
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        h.update(name.encode() + b"\0")
+        if str(col.type).startswith("list"):
+            h.update(np.asarray(col.offsets, dtype=np.int64).tobytes())
+            h.update(np.asarray(col.values, dtype=np.int64).tobytes())
+        elif col.type == "double":
+            h.update(np.asarray(col, dtype=np.float64).tobytes())
+        else:
+            h.update("\0".join(col.to_pylist()).encode())
+    return h.hexdigest()
+
+
+# ---- the packaged copy --------------------------------------------------------------------------------
+def test_the_package_ships_the_converted_tables_unchanged(monkeypatch):
+    """Every installation has the tables (no ../shared, no SPT clone), equal in content to the conversion."""
+    monkeypatch.delenv(RELEASED_DIR_ENV, raising=False)
+    folder = default_released_dir()
+    assert folder == Path(spt_core.__file__).resolve().parent / "assets" / "released"
+    assert hashlib.sha256((folder / "plans.parquet").read_bytes()).hexdigest() == PLANS_FILE_SHA256
+    assert content_sha256(folder / "sparse_entries.parquet") == SPARSE_CONTENT_SHA256
+    assert (folder / "README.md").is_file() and (folder / "PROVENANCE.md").is_file()
+
+
+def test_the_environment_variable_still_overrides_the_packaged_copy(monkeypatch, tmp_path):
+    shutil.copy(default_released_dir() / "plans.parquet", tmp_path / "plans.parquet")
+    monkeypatch.setenv(RELEASED_DIR_ENV, str(tmp_path))
+    assert default_released_dir() == tmp_path
+    with pytest.raises(ValueError, match="missing sparse_entries.parquet"):
+        released_index()
+
+
+def test_package_data_declares_the_released_tables():
+    """A wheel only carries the files pyproject's package-data names: the tables must be among them."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["spt_core"]
+    root = Path(spt_core.__file__).resolve().parent
+    for name in ("plans.parquet", "sparse_entries.parquet", "README.md", "PROVENANCE.md"):
+        assert any(fnmatch.fnmatch(f"assets/released/{name}", pat) for pat in patterns), name
+        assert (root / "assets" / "released" / name).is_file()
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +81,12 @@ def all_plans() -> dict[tuple[str, str, float], TuningPlan]:
 
 
 # ---- the index and accounting ------------------------------------------------------------------------
-@needs_data
 def test_index_covers_19_tasks_7_targets_2_types():
     index = released_index()
     assert len(index) == 266
     assert set(index) == {(s, t, m) for s in RELEASED_TYPES for t in VTAB_TASKS for m in TARGETS}
 
 
-@needs_data
 def test_accounting_of_all_266_plans_is_exact(all_plans):
     failures = []
     for (structured, task, target), plan in all_plans.items():
@@ -53,7 +103,6 @@ def test_accounting_of_all_266_plans_is_exact(all_plans):
     assert not failures, "\n".join(failures)
 
 
-@needs_data
 def test_cifar_lora_04_matches_the_reference_example():
     plan = released_plan("cifar", "0.4M", "lora")
     b = plan.breakdown
@@ -61,7 +110,6 @@ def test_cifar_lora_04_matches_the_reference_example():
     assert plan.layout.head_params == 768 * 100 + 100  # cifar has 100 classes
 
 
-@needs_data
 def test_tuned_matrix_columns_agree_with_the_reference_tensor_lists(all_plans):
     """Structured matrices, whole vectors and the reference's scored_tensors partition ViT-B's scored tensors:
     a wrong column order in tuned_matrices would put a structured matrix among the scored ones."""
@@ -78,7 +126,7 @@ def test_tuned_matrix_columns_agree_with_the_reference_tensor_lists(all_plans):
 
 
 # ---- surgery on a timm ViT-B/16 ----------------------------------------------------------------------
-@needs_data
+@pytest.mark.slow  # ~45 s on 2 cores: 266 surgeries on ViT-B/16
 def test_applying_all_266_plans_trains_exactly_the_reference_total(all_plans):
     """Every plan on a fresh ViT-B/16 (uninitialised CPU storage: only the structure matters here)."""
     skeletons: dict[int, torch.nn.Module] = {}
@@ -96,7 +144,6 @@ def test_applying_all_266_plans_trains_exactly_the_reference_total(all_plans):
     assert not failures, "\n".join(failures)
 
 
-@needs_data
 def test_q_k_v_entries_land_in_their_row_blocks_of_fused_qkv():
     a = released_allocation("cifar", 0.4, "lora")
     block = next(b for b in range(12) if all(f"blocks.{b}.attn.{p}.weight" in a.sparse for p in "qkv"))
@@ -127,7 +174,6 @@ def test_missing_folder_is_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value) and "SPT_RELEASED_DIR" in str(err.value)
 
 
-@needs_data
 @pytest.mark.parametrize("args, listed", [
     (("cifar100", 0.4, "lora"), "caltech101, cifar, clevr_count"),
     (("cifar", 0.3, "lora"), "0.05M, 0.1M, 0.2M, 0.4M, 0.6M, 0.8M, 1M"),
@@ -139,7 +185,6 @@ def test_unknown_choices_list_the_valid_ones(args, listed):
     assert listed in str(err.value) and "\n" not in str(err.value)
 
 
-@needs_data
 def test_wrong_backbone_layout_is_refused():
     with torch.device("meta"):
         small = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10)
@@ -147,7 +192,6 @@ def test_wrong_backbone_layout_is_refused():
         released_plan("svhn", 0.4, layout=ModelLayout.from_model(small))
 
 
-@needs_data
 def test_json_round_trip_and_plan_sources(tmp_path):
     plan = released_plan("dtd", "200k", "adapter")
     assert plan.layout is vit_b16_layout(47)
@@ -164,7 +208,6 @@ def test_json_round_trip_and_plan_sources(tmp_path):
 
 
 # ---- how far plans land from their budgets -----------------------------------------------------------
-@needs_data
 def test_released_totals_miss_their_targets_as_documented():
     stats = released_target_stats("lora")  # the README quotes the LoRA plans
     assert set(stats) == set(TARGETS)
@@ -212,7 +255,6 @@ def test_our_allocator_lands_within_5_percent_under_every_target(vit_b_ranking, 
     assert capped, "the map should have a target where SPT's plain prefix rule misses by more than 5%"
 
 
-@needs_data
 def test_comparison_of_ours_and_theirs_on_vit_b(vit_b_ranking):
     ours = allocate(vit_b_ranking, 400_000, structured="lora")
     theirs = released_plan("cifar", 0.4, "lora")
