@@ -47,7 +47,7 @@ def content_sha256(path: Path) -> str:
 
 # ---- the packaged copy --------------------------------------------------------------------------------
 def test_the_package_ships_the_converted_tables_unchanged(monkeypatch):
-    """Every installation has the tables (no ../shared, no SPT clone), equal in content to the conversion."""
+    """Every installation has the tables (no folder next to the clone, no SPT clone), equal in content to the conversion."""
     monkeypatch.delenv(RELEASED_DIR_ENV, raising=False)
     folder = default_released_dir()
     assert folder == Path(spt_core.__file__).resolve().parent / "assets" / "released"
