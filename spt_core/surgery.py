@@ -17,8 +17,9 @@ PLAN_ATTR = "spt_plan"
 def apply_plan(model: nn.Module, plan: TuningPlan) -> nn.Module:
     """Freeze `model`, then add and unfreeze what `plan` tunes. Returns the same model.
 
-    Frozen weights are not copied or modified; LoRA / Adapter up-projections and every delta start at zero,
-    so the output right after surgery equals the original's.
+    Frozen weights are not copied or modified; float LoRA / Adapter up-projections and every delta start at
+    zero, so the output right after surgery equals the original's. Quantized up-projections start small and
+    non-zero instead (the paper's init; see `init_up_weight`), so those plans move the output slightly.
     """
     if getattr(model, PLAN_ATTR, None) is not None:
         raise ValueError("a plan was already applied to this model; apply plans to a fresh backbone")

@@ -50,10 +50,12 @@ def plan(request):
 
 
 def test_output_unchanged_right_after_surgery(plan):
+    """Bit-exact for float plans; quantized up-projections start small, not zero (the paper's init, test_quant)."""
     model, x = tiny_vit().eval(), torch.randn(3, 3, 32, 32)
-    expected = model(x)
+    expected = model(x).detach()
     apply_plan(model, plan).eval()
-    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    quantized = any(tp.bits for tp in plan.tensors.values())
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0.01 * expected.abs().max().item() if quantized else 0)
 
 
 def test_trainable_parameters_match_plan_accounting(plan):

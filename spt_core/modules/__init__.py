@@ -2,9 +2,9 @@
 
 from .adapter import Adapter
 from .lora import LoRA
-from .quant import dequantize, quantize_codes, quantize_ste
+from .quant import codebook, dequantize, quantize_codes, quantize_weight
 from .sparse import sampled_grad, sparse_delta_linear
 from .tuned import TunedLayerNorm, TunedLinear, VectorDelta
 
-__all__ = ["Adapter", "LoRA", "TunedLayerNorm", "TunedLinear", "VectorDelta", "dequantize", "quantize_codes",
-           "quantize_ste", "sampled_grad", "sparse_delta_linear"]
+__all__ = ["Adapter", "LoRA", "TunedLayerNorm", "TunedLinear", "VectorDelta", "codebook", "dequantize",
+           "quantize_codes", "quantize_weight", "sampled_grad", "sparse_delta_linear"]

@@ -1,4 +1,8 @@
-"""SPT-LoRA branch: x -> dropout -> down (Kaiming) -> up (zero) -> drop-path, added to the frozen output."""
+"""SPT-LoRA branch: x -> dropout -> down (Kaiming) -> up (zero) -> drop-path, added to the frozen output.
+
+Low-bit branches (bits 1 or 2) multiply by the paper's quantized weights (`quantize_weight`) and start their
+up-projection from small random values, as the authors do (`init_up_weight` says why).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.nn import functional as F
 
-from .quant import quantize_ste
+from .quant import init_up_weight, maybe_quantize
 
 
 class LoRA(nn.Module):
@@ -19,15 +23,15 @@ class LoRA(nn.Module):
         self.down = nn.Linear(d_in, rank, bias=False)
         self.up = nn.Linear(rank, d_out, bias=False)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
+        init_up_weight(self.up.weight, bits)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.bits = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self.dropout(x), quantize_ste(self.down.weight, self.bits))
-        return self.drop_path(F.linear(h, quantize_ste(self.up.weight, self.bits)))
+        h = F.linear(self.dropout(x), maybe_quantize(self.down.weight, self.bits))
+        return self.drop_path(F.linear(h, maybe_quantize(self.up.weight, self.bits)))
 
     def delta_weight(self) -> torch.Tensor:
         """The (d_out, d_in) update this branch adds to the frozen weight (no alpha/r scaling in SPT)."""
-        return quantize_ste(self.up.weight, self.bits) @ quantize_ste(self.down.weight, self.bits)
+        return maybe_quantize(self.up.weight, self.bits) @ maybe_quantize(self.down.weight, self.bits)
