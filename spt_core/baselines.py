@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .layout import ModelLayout
 from .plan import TensorPlan, TuningPlan, matrix_kind, structured_params
@@ -56,6 +57,74 @@ def rank_for_budget(layout: ModelLayout, budget: int, kind: str = "lora",
     while sum(structured_params(kind, t, rank + 1) for t in matrices) <= budget:
         rank += 1
     return rank
+
+
+# Target sets an equal-budget uniform baseline may use, most conventional first (ties go to the earlier one).
+LORA_TARGET_SETS = (("q", "v"), ("q", "k", "v"), ("q", "k", "v", "proj"), MATRIX_KINDS)
+ADAPTER_TARGET_SETS = (("fc2",),) + LORA_TARGET_SETS
+EQUAL_BUDGET_TOLERANCE = 0.10  # a baseline is "at SPT's budget" only within +-10% of its trainable parameters
+
+
+@dataclass(frozen=True)
+class UniformChoice:
+    """A uniform LoRA / Adapter configuration and its exact trainable parameters (head excluded)."""
+
+    kind: str
+    rank: int
+    targets: tuple[str, ...]
+    params: int
+    budget: int
+
+    @property
+    def ratio(self) -> float:
+        """Trainable parameters of this baseline over the budget it was matched to."""
+        return self.params / self.budget
+
+    @property
+    def equal(self) -> bool:
+        return is_equal_budget(self.ratio)
+
+
+def is_equal_budget(ratio: float | None) -> bool:
+    """Whether a baseline / SPT parameter ratio counts as an equal budget (within EQUAL_BUDGET_TOLERANCE)."""
+    return ratio is not None and abs(ratio - 1.0) <= EQUAL_BUDGET_TOLERANCE + 1e-12
+
+
+def uniform_params(layout: ModelLayout, kind: str, rank: int, targets: Sequence[str]) -> int:
+    """Exact trainable parameters of `uniform_lora` / `uniform_adapter(layout, rank, targets)`."""
+    return sum(structured_params(kind, t, rank) for t in layout.matrices if matrix_kind(t) in targets)
+
+
+def match_uniform(layout: ModelLayout, budget: int, kind: str,
+                  target_sets: Sequence[Sequence[str]] | None = None) -> UniformChoice:
+    """The uniform LoRA / Adapter (rank and target matrices) whose trainable parameters come closest to
+    `budget`: the equal-budget baseline of an SPT plan with `budget` parameters.
+
+    Why rank AND targets: with one target set the counts step in multiples of the rank-1 cost (2.3k on
+    q,v of the mini ViT), so a 4.5k SPT plan would face a 2.3k "equal-budget" LoRA. Closest means the
+    smallest |params / budget - 1|, so whenever any candidate lies within EQUAL_BUDGET_TOLERANCE the choice
+    does too; ties go to the more conventional target set, then to the lower rank. When none is within the
+    tolerance this is still the nearest, and `UniformChoice.equal` says so.
+    """
+    if budget is None or budget < 1:
+        raise ValueError(f"an equal-budget baseline needs a budget >= 1, got {budget}")
+    sets = target_sets or (LORA_TARGET_SETS if kind == "lora" else ADAPTER_TARGET_SETS)
+    best: tuple[float, int, int] | None = None
+    choice: UniformChoice | None = None
+    for index, targets in enumerate(sets):
+        per_rank = uniform_params(layout, kind, 1, targets) - uniform_params(layout, kind, 0, targets)
+        if per_rank <= 0:
+            continue
+        # params(rank) is affine in rank: only the two ranks around budget / per_rank can be closest
+        around = (budget - uniform_params(layout, kind, 0, targets)) // per_rank
+        for rank in {max(1, around), max(1, around + 1)}:
+            params = uniform_params(layout, kind, rank, targets)
+            key = (abs(params / budget - 1.0), index, rank)
+            if best is None or key < best:
+                best, choice = key, UniformChoice(kind, rank, tuple(targets), params, int(budget))
+    if choice is None:
+        raise ValueError(f"the model has no matrices of kinds {[list(s) for s in sets]}")
+    return choice
 
 
 BASELINES = {

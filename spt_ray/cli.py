@@ -148,12 +148,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_results(args: argparse.Namespace) -> int:
-    from spt_ray import report
-
-    return report.run(args)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from spt_ray.artifacts import export_trial
 

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,8 @@ from spt_core.experiment import TaskRef
 
 from .results import ResultsCallback, ResultsWriter, RowContext, read_results, rows_from_trial_log
 from .search import FixedSearcher, PerTaskScheduler, PerTaskSearcher
+from .selection import (CONFIG_KEYS, SELECTION_COLUMNS, final_configs, pareto_front, persist_selection,  # noqa: F401
+                        select_best, summarize_final)
 from .space import RankingNeeds, fixed_configs
 from .spec import SweepSpec
 from .storage import Storage
@@ -45,14 +46,6 @@ from .store import RankingHandle, SensitivityRequest, fetch_rankings, get_store
 from .trainable import TrialContext, make_trainable
 
 logger = logging.getLogger(__name__)
-
-# The only columns model selection may read. No test column: selection happens on validation only.
-SELECTION_COLUMNS = ("task", "phase", "row_kind", "status", "searched", "trial_id", "method", "budget", "alpha",
-                     "rank", "lr", "weight_decay", "bits", "epoch", "epochs", "val_acc", "val_loss",
-                     "trainable_params", "storage_bytes")
-assert not any(c.startswith("test") for c in SELECTION_COLUMNS), "selection must never read a test column"
-CONFIG_KEYS = ("method", "budget", "alpha", "rank", "lr", "weight_decay", "bits")
-
 
 @dataclass
 class SweepResult:
@@ -110,87 +103,6 @@ def trial_slots(spec: SweepSpec) -> int:
     if spec.resources.gpu > 0:
         slots = min(slots, int(res.get("GPU", 0) // spec.resources.gpu + 1e-9) or 1)
     return max(1, slots)
-
-
-# ---- selection (validation only) -------------------------------------------------------------------
-def select_best(table: pa.Table) -> dict[str, dict[str, Any]]:
-    """Per task, the searched trial that ran all its epochs with the highest val_acc.
-
-    Ties go to fewer trainable parameters, then to the earlier trial id. Reads SELECTION_COLUMNS only.
-    """
-    view = table.select(list(SELECTION_COLUMNS))
-    assert not any(c.startswith("test") for c in view.column_names)
-    best: dict[str, dict[str, Any]] = {}
-    for row in view.to_pylist():
-        if (row["phase"], row["row_kind"], row["status"]) != ("search", "trial", "completed") or not row["searched"]:
-            continue
-        if row["val_acc"] is None:
-            continue
-        key = (row["val_acc"], -(row["trainable_params"] or 0), _neg(row["trial_id"]))
-        cur = best.get(row["task"])
-        if cur is None or key > cur["_key"]:
-            best[row["task"]] = {**row, "_key": key}
-    return {t: {k: v for k, v in r.items() if k != "_key"} for t, r in best.items()}
-
-
-def _neg(text: str) -> tuple[int, ...]:
-    return tuple(-ord(c) for c in text)
-
-
-def pareto_front(table: pa.Table) -> dict[str, list[dict[str, Any]]]:
-    """Per task, completed searched trials not dominated in (val_acc max, trainable_params min)."""
-    rows = [r for r in table.select(list(SELECTION_COLUMNS)).to_pylist()
-            if (r["phase"], r["row_kind"], r["status"]) == ("search", "trial", "completed") and r["searched"]
-            and r["val_acc"] is not None]
-    fronts: dict[str, list[dict[str, Any]]] = {}
-    for task in sorted({r["task"] for r in rows}):
-        mine = [r for r in rows if r["task"] == task]
-        front = [r for r in mine if not any(
-            o["val_acc"] >= r["val_acc"] and o["trainable_params"] <= r["trainable_params"]
-            and (o["val_acc"] > r["val_acc"] or o["trainable_params"] < r["trainable_params"]) for o in mine)]
-        fronts[task] = sorted(front, key=lambda r: r["trainable_params"])
-    return fronts
-
-
-def final_configs(spec: SweepSpec, best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs of the final phase: (best config of each task + each baseline) x seeds; uniform LoRA / Adapter
-    baselines run at the rank that matches the selected SPT config's trainable parameters."""
-    base = fixed_configs(spec.baselines, lr=spec.final_recipe.lr, weight_decay=spec.final_recipe.weight_decay,
-                         bits=spec.space.bits)
-    runs = []
-    for task in spec.tasks:
-        labelled = [("best", {k: best[task][k] for k in CONFIG_KEYS}, best[task]["trial_id"])] if task in best else []
-        # uniform LoRA / Adapter get the selected SPT config's budget: the equal-budget comparison
-        matched = best[task]["trainable_params"] if task in best else None
-        labelled += [(c["method"], {**c, "budget": matched} if c["method"] in ("lora", "adapter") and matched else c,
-                      None) for c in base]
-        for label, cfg, source in labelled:
-            for seed in spec.final_seeds:
-                runs.append({**cfg, "task": task, "label": label, "seed": int(seed), "searched": label == "best",
-                             "source_trial": source, "run_id": f"{task}/{label}/seed{seed}"})
-    return runs
-
-
-def summarize_final(table: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
-    """Test accuracy mean / std (sample std, 0 for one seed) per task and label over the final runs."""
-    rows = [r for r in table.to_pylist() if r["phase"] == "final" and r["row_kind"] == "final"
-            and r["status"] == "completed"]
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in rows:
-        entry = out.setdefault(r["task"], {}).setdefault(r["label"], {
-            "method": r["method"], "trainable_params": r["trainable_params"], "storage_bytes": r["storage_bytes"],
-            "seeds": [], "test_acc": []})
-        entry["seeds"].append(r["seed"])
-        entry["test_acc"].append(r["test_acc"])
-    for labels in out.values():
-        for e in labels.values():
-            order = sorted(range(len(e["seeds"])), key=lambda i: e["seeds"][i])
-            e["seeds"] = [e["seeds"][i] for i in order]
-            e["test_acc"] = [e["test_acc"][i] for i in order]
-            e["n"] = len(e["test_acc"])
-            e["mean"] = statistics.fmean(e["test_acc"])
-            e["std"] = statistics.stdev(e["test_acc"]) if e["n"] > 1 else 0.0
-    return out
 
 
 def measure_overhead(table: pa.Table, wall_s: float, slots: int, sensitivity_wall_s: float,
@@ -331,7 +243,7 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
                                       num_samples=spec.search_samples)
         phase_s["search_s"] = time.perf_counter() - t1
         table = read_results(storage, spec.name)
-        best = select_best(table)
+        best = persist_selection(storage, spec.name, table)  # the one selection every report reads
         missing = [t for t in spec.tasks if t not in best and spec.num_samples > 0]
         if missing:
             logger.warning("no searched trial of %s completed all epochs; their final phase has baselines only",
@@ -339,7 +251,7 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
 
         # phase 2: final (retrain on train800val200 with several seeds, test once)
         if spec.run_final:
-            runs = final_configs(spec, best)
+            runs = final_configs(spec, best, {t: ray.get(refs[t]).layout for t in best})
             tc, rc = context("final")
             t2 = time.perf_counter()
             trials["final"] = _run_phase(spec, storage, "final", tc, refs, rc, searcher=FixedSearcher(runs),

@@ -118,7 +118,7 @@ def print_summary(result) -> None:
     print(f"\nsweep {result.name}: results in {result.results_path}")
     labels = sorted({label for labels in result.final.values() for label in labels},
                     key=lambda x: (x != "best", x))
-    header = f"{'task':<14}{'selected (val)':<34}" + "".join(f"{_label(l):>18}" for l in labels)
+    header = f"{'task':<14}{'selected (val)':<34}" + "".join(f"{_label(l):>19}" for l in labels)
     print(header)
     for task in sorted(set(result.best) | set(result.final)):
         b = result.best.get(task)
@@ -126,15 +126,17 @@ def print_summary(result) -> None:
         cells = []
         for label in labels:
             e = result.final.get(task, {}).get(label)
+            unequal = e and e.get("budget_ratio") is not None and not e.get("equal_budget")
             cells.append(f"{100 * e['mean']:6.1f}±{100 * e['std']:4.1f} {_short(e['trainable_params']):>6}"
-                         if e else "-")
-        print(f"{task:<14}{chosen:<34}" + "".join(f"{c:>18}" for c in cells))
+                         f"{'*' if unequal else ' '}" if e else "-")
+        print(f"{task:<14}{chosen:<34}" + "".join(f"{c:>19}" for c in cells))
     if result.final:
         means = {label: [result.final[t][label]["mean"] for t in result.final if label in result.final[t]]
                  for label in labels}
         print(f"{'mean':<14}{'':<34}" + "".join(
-            f"{100 * sum(v) / len(v):>11.1f}{'':>7}" if v else f"{'-':>18}" for v in means.values()))
-        print("test accuracy (%) mean±std over the final seeds; trainable parameters (head excluded) beside it")
+            f"{100 * sum(v) / len(v):>11.1f}{'':>8}" if v else f"{'-':>19}" for v in means.values()))
+        print("test accuracy (%) mean±std over the final seeds; trainable parameters (head excluded) beside it; "
+              "* = budget not within ±10% of the selected SPT plan's (budget_ratio in `spt-ray results final`)")
     o = result.overhead
     if o:
         print(f"wall {o['wall_s']:.0f}s; share outside training+evaluation {100 * o['share']:.1f}% "

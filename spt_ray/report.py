@@ -1,68 +1,129 @@
-"""`spt-ray results ...`: SQL over the Parquet results, the best config and Pareto front per task, plots."""
+"""`spt-ray results ...`: reports over ONE sweep's Parquet results.
+
+`best`, `pareto`, `final` and `plot` go through `spt_ray.selection`, the functions `run_sweep` itself uses
+(`best` reads the selection the driver persisted after the search phase), so a report cannot disagree
+with the configuration the final phase retrained. Every report is scoped to one sweep: a storage holding
+several needs `--sweep`. `query` runs the user's SQL in a DuckDB that cannot reach any file (external
+access off and the configuration locked once the `results` view is registered), so a query can read the
+results but never write, attach, export or load anything.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 
-# The best searched config per task, chosen on validation accuracy only (never on test).
-BEST_SQL = """
-WITH ranked AS (
-  SELECT *, row_number() OVER (PARTITION BY task ORDER BY val_acc DESC NULLS LAST, trainable_params ASC) AS r
-  FROM results WHERE phase = 'search' AND row_kind = 'trial' AND val_acc IS NOT NULL
-)
-SELECT ranked.task, method, budget, alpha, rank, lr, weight_decay, trainable_params, val_acc, trial_id,
-       f.test_mean, f.test_std, f.seeds
-FROM ranked LEFT JOIN (
-  SELECT task, avg(test_acc) AS test_mean, stddev_samp(test_acc) AS test_std, count(*) AS seeds
-  FROM results WHERE phase = 'final' AND row_kind = 'final' AND label = 'best' GROUP BY task
-) f ON f.task = ranked.task
-WHERE r = 1 ORDER BY ranked.task
-"""
+from .results import read_results, results_root
+from .selection import pareto_front, read_selection, select_best, summarize_final
+from .storage import Storage
 
-# Per task, search trials not dominated in (val_acc up, trainable_params down).
-PARETO_SQL = """
-WITH t AS (
-  SELECT task, trial_id, method, budget, alpha, rank, lr, trainable_params, val_acc FROM results
-  WHERE phase = 'search' AND row_kind = 'trial' AND val_acc IS NOT NULL
-)
-SELECT a.* FROM t a WHERE NOT EXISTS (
-  SELECT 1 FROM t b WHERE b.task = a.task AND b.val_acc >= a.val_acc AND b.trainable_params <= a.trainable_params
-    AND (b.val_acc > a.val_acc OR b.trainable_params < a.trainable_params)
-) ORDER BY task, trainable_params
-"""
-
-# Best validation accuracy per task and method (SPT methods and baselines side by side).
-BY_METHOD_SQL = """
-SELECT task, method, max(val_acc) AS val_acc, arg_max(trainable_params, val_acc) AS trainable_params,
-       count(*) AS trials
-FROM results WHERE phase = 'search' AND row_kind = 'trial' AND val_acc IS NOT NULL
-GROUP BY task, method ORDER BY task, method
-"""
-
-FINAL_SQL = """
-SELECT task, label, method, avg(test_acc) AS test_mean, stddev_samp(test_acc) AS test_std,
-       avg(trainable_params)::BIGINT AS trainable_params, count(*) AS seeds
-FROM results WHERE phase = 'final' AND row_kind = 'final' GROUP BY task, label, method ORDER BY task, label
-"""
+BEST_COLUMNS = ("task", "method", "budget", "alpha", "rank", "lr", "weight_decay", "bits", "trainable_params",
+                "val_acc", "trial_id", "test_mean", "test_std", "seeds")
+PARETO_COLUMNS = ("task", "trial_id", "method", "budget", "alpha", "rank", "lr", "weight_decay", "trainable_params",
+                  "val_acc", "selected")
+FINAL_COLUMNS = ("task", "label", "method", "trainable_params", "budget_ratio", "equal_budget", "test_mean",
+                 "test_std", "seeds")
 
 
-def _connect(args: argparse.Namespace):
-    from .results import duckdb_connect, read_results
-    from .storage import Storage
+# ---- one sweep ------------------------------------------------------------------------------------
+def sweeps_in(storage: Storage) -> list[str]:
+    """Names of the sweeps with results under the storage."""
+    infos = storage.fs.get_file_info(pafs.FileSelector(results_root(storage), allow_not_found=True))
+    return sorted(i.base_name.removeprefix("sweep=") for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("sweep="))
 
+
+def resolve_sweep(storage: Storage, sweep: str | None) -> str:
+    """The sweep a report is about: `--sweep`, or the storage's only one; else a one-line error."""
+    names = sweeps_in(storage)
+    if sweep is not None and sweep in names:
+        return sweep
+    there = f"sweeps there: {', '.join(names)}" if names else "run `spt-ray tune` first"
+    if sweep is not None:
+        raise ValueError(f"no results for sweep {sweep!r} in {storage.root}; {there}")
+    if not names:
+        raise ValueError(f"no results in {storage.root}; {there}")
+    if len(names) > 1:
+        raise ValueError(f"{storage.root} holds {len(names)} sweeps ({', '.join(names)}); pick one with --sweep NAME")
+    return names[0]
+
+
+def open_sweep(args: argparse.Namespace) -> tuple[Storage, str, pa.Table]:
+    """The storage, the sweep and its results (one row per row_id)."""
     storage = Storage.of(args.storage)
     if storage.local and not Path(storage.root).is_dir():
         raise ValueError(f"--storage {args.storage} does not exist; pass the folder a sweep wrote to")
-    if read_results(storage, args.sweep).num_rows == 0:
-        where = f"sweep {args.sweep!r} in " if args.sweep else ""
-        raise ValueError(f"no results for {where}{args.storage}; run `spt-ray tune` first or check --sweep")
-    return duckdb_connect(storage, args.sweep)
+    sweep = resolve_sweep(storage, args.sweep)
+    return storage, sweep, read_results(storage, sweep)
 
 
+def selection_of(storage: Storage, sweep: str, table: pa.Table) -> dict[str, dict[str, Any]]:
+    """The driver's persisted selection; while the search phase still runs, the same function on the trials
+    so far (said on stderr)."""
+    selection = read_selection(storage, sweep)
+    if selection is None:
+        print(f"note: sweep {sweep!r} has not finished its search phase; showing the selection so far",
+              file=sys.stderr)
+        selection = select_best(table)
+    return selection
+
+
+# ---- the reports (rows + column names) --------------------------------------------------------------
+def best_report(storage: Storage, sweep: str, table: pa.Table) -> tuple[list[tuple], list[str]]:
+    """Per task: the selected config (on val) and the test mean / std of its final runs."""
+    final = summarize_final(table)
+    rows = []
+    for task, sel in selection_of(storage, sweep, table).items():
+        f = final.get(task, {}).get("best")
+        test = (f["mean"], f["std"], f["n"]) if f else (None, None, 0)
+        rows.append(tuple(sel[c] for c in BEST_COLUMNS[:-3]) + test)
+    return rows, list(BEST_COLUMNS)
+
+
+def pareto_report(storage: Storage, sweep: str, table: pa.Table) -> tuple[list[tuple], list[str]]:
+    """Per task, the candidates not dominated in (val_acc, trainable_params); `selected` marks the choice."""
+    chosen = {t: s["trial_id"] for t, s in selection_of(storage, sweep, table).items()}
+    rows = [tuple(r[c] for c in PARETO_COLUMNS[:-1]) + (chosen.get(task) == r["trial_id"],)
+            for task, front in pareto_front(table).items() for r in front]
+    return rows, list(PARETO_COLUMNS)
+
+
+def final_report(storage: Storage, sweep: str, table: pa.Table) -> tuple[list[tuple], list[str]]:
+    """Per task and label, the final runs' test accuracy, with the budget ratio to the selected SPT plan."""
+    rows = [(task, label, e["method"], e["trainable_params"], e["budget_ratio"], e["equal_budget"], e["mean"],
+             e["std"], e["n"])
+            for task, labels in summarize_final(table).items()
+            for label, e in sorted(labels.items(), key=lambda kv: (kv[0] != "best", kv[0]))]
+    return rows, list(FINAL_COLUMNS)
+
+
+def query_report(table: pa.Table, sql: str) -> tuple[list[tuple], list[str]]:
+    """The user's SQL over a view `results` (the sweep's rows), in a DuckDB that cannot reach files."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.register("results", table)
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        try:
+            cursor = con.execute(sql)
+        except Exception as err:  # duckdb's errors are many classes; report them on one line
+            raise ValueError(f"query failed: {str(err).splitlines()[0]}") from None
+        if cursor.description is None:
+            return [], []
+        return cursor.fetchall(), [d[0] for d in cursor.description]
+    finally:
+        con.close()
+
+
+# ---- output -----------------------------------------------------------------------------------------
 def print_table(rows: list[tuple], columns: list[str], fmt: str = "table") -> None:
     if fmt == "json":
         print(json.dumps([dict(zip(columns, r)) for r in rows], indent=1, default=str))
@@ -91,34 +152,30 @@ def _numeric(text: str) -> bool:
     return text.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit()
 
 
-def run_sql(args: argparse.Namespace, sql: str) -> tuple[list[tuple], list[str]]:
-    con = _connect(args)
-    try:
-        cursor = con.execute(sql)
-    except Exception as err:  # duckdb's errors are many classes; report them on one line
-        raise ValueError(f"query failed: {str(err).splitlines()[0]}") from None
-    return cursor.fetchall(), [d[0] for d in cursor.description]
-
-
+# ---- commands ---------------------------------------------------------------------------------------
 def cmd_query(args: argparse.Namespace) -> int:
-    print_table(*run_sql(args, args.sql), fmt=args.format)
+    _, _, table = open_sweep(args)
+    print_table(*query_report(table, args.sql), fmt=args.format)
     return 0
 
 
-def cmd_best(args: argparse.Namespace) -> int:
-    print_table(*run_sql(args, BEST_SQL), fmt=args.format)
-    return 0
+def _reporting(report: Callable[[Storage, str, pa.Table], tuple[list[tuple], list[str]]]):
+    def command(args: argparse.Namespace) -> int:
+        print_table(*report(*open_sweep(args)), fmt=args.format)
+        return 0
+
+    return command
 
 
-def cmd_pareto(args: argparse.Namespace) -> int:
-    print_table(*run_sql(args, PARETO_SQL), fmt=args.format)
-    return 0
+cmd_best, cmd_pareto, cmd_final = _reporting(best_report), _reporting(pareto_report), _reporting(final_report)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from . import plots
 
-    written = plots.write_all(args, run_sql, Path(args.out))
+    storage, sweep, table = open_sweep(args)
+    written = plots.write_all(storage, table, selection_of(storage, sweep, table), Path(args.out),
+                              budget=args.budget)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -129,15 +186,20 @@ def add_results_args(results: argparse.ArgumentParser, command: Callable[..., ar
 
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--storage", required=True, help="the sweep storage folder or URI")
-        p.add_argument("--sweep", help="restrict to one sweep (default: all sweeps in the storage)")
+        p.add_argument("--sweep", help="the sweep to report on (required when the storage holds several)")
         p.add_argument("--format", choices=("table", "csv", "json"), default="table")
         return p
 
-    p = common(command("query", cmd_query, "run SQL over the results (DuckDB, a view named `results`)", sub))
+    p = common(command("query", cmd_query, "run read-only SQL over one sweep's results (DuckDB, a view named "
+                       "`results`)", sub))
     p.add_argument("sql", help='e.g. "SELECT task, max(val_acc) FROM results GROUP BY task"')
-    common(command("best", cmd_best, "the best config per task (by val accuracy) and its final test score", sub))
-    common(command("pareto", cmd_pareto, "the accuracy / trainable-parameter Pareto front per task", sub))
+    common(command("best", cmd_best, "the selected config per task (on val accuracy, as the sweep chose it) and "
+                   "its final test score", sub))
+    common(command("pareto", cmd_pareto, "the val accuracy / trainable-parameter Pareto front per task", sub))
+    common(command("final", cmd_final, "final test accuracy per task and method, with each baseline's budget "
+                   "ratio to the selected SPT plan", sub))
     p = common(command("plot", cmd_plot, "write PNGs: Pareto fronts, accuracy by method, sensitivity heatmaps",
                        sub))
     p.add_argument("--out", default="runs/plots", help="output folder")
-    p.add_argument("--budget", type=int, help="top-k for the sensitivity heatmap (default: the sweep's largest)")
+    p.add_argument("--budget", type=int, help="top-k for the sensitivity heatmap (default: the selected plan's "
+                   "trainable parameters)")

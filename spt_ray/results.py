@@ -71,6 +71,7 @@ FILE_SCHEMA = pa.schema([
     ("seed", pa.int64()),
     ("trainable_params", pa.int64()),
     ("storage_bytes", pa.int64()),
+    ("budget_ratio", pa.float64()),  # final runs: trainable_params / the selected SPT plan's (null: no budget)
     ("backbone", pa.string()),
     ("backbone_hash", pa.string()),
     ("sensitivity_key", pa.string()),
@@ -78,7 +79,7 @@ FILE_SCHEMA = pa.schema([
     ("ranking_bytes", pa.int64()),  # bytes of sensitivity data the trial read
     ("plan_source", pa.string()),  # ranking (object-store prefix) | full-map (deep config) | layout (baseline)
     ("status", pa.string()),  # running | completed | stopped (early, by ASHA) | error
-    ("restarts", pa.int32()),  # times the run resumed from a checkpoint
+    ("restarts", pa.int32()),  # times the run was started again (driver killed, node lost, error retried)
     ("sensitivity_s", pa.float64()),
     ("setup_s", pa.float64()),
     ("train_s", pa.float64()),
@@ -203,13 +204,17 @@ class ResultsWriter:
             raise RuntimeError(f"results writer failed: {self.errors[-1]}")
 
     def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self.flush()
-            self.queue.put(None)
-            self._thread.join(timeout=30)
-        with self._shared_lock:
-            if self._shared.get((self.storage.root, self.sweep)) is self:
-                del self._shared[(self.storage.root, self.sweep)]
+        """Flush and stop; the thread stops and the writer is released even when the last write failed."""
+        try:
+            if self._thread is not None and self._thread.is_alive():
+                self.flush()
+        finally:
+            if self._thread is not None and self._thread.is_alive():
+                self.queue.put(None)
+                self._thread.join(timeout=30)
+            with self._shared_lock:
+                if self._shared.get((self.storage.root, self.sweep)) is self:
+                    del self._shared[(self.storage.root, self.sweep)]
 
     def _run(self) -> None:
         pending: list[dict[str, Any]] = []
@@ -251,8 +256,8 @@ class ResultsWriter:
                 name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
                 self.storage.write_bytes(self.storage.path("results", f"sweep={self.sweep}", f"task={task}", name),
                                          buf.getvalue())
-            except Exception as err:  # keep the thread alive; flush() reports it
-                logger.exception("writing results failed")
+            except Exception as err:  # keep the thread alive; flush() reports it (write_bytes left no temp file)
+                logger.error("writing %d result rows of task %s failed: %s", len(task_rows), task, err)
                 self.errors.append(f"{type(err).__name__}: {err}")
                 continue
             self.written_ids.update(r["row_id"] for r in task_rows)

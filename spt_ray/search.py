@@ -22,9 +22,11 @@ intermediate value as its value (every epoch's val_acc was reported to the study
 value), and TPE ranks pruned trials after every completed trial, by how far they got and then by that
 value. So a stopped trial still informs the sampler (it was bad relative to the ones that went on) but
 never competes with a configuration that was trained to the end. Only trials that ran all their epochs
-are COMPLETE; a trial that raised is FAIL. In multi-objective mode (val_acc max, trainable_params min,
-NSGA-II) there is no ASHA (it takes one metric), every trial runs to the end and is COMPLETE with both
-values, and each task's Pareto front comes from its completed trials.
+are COMPLETE; a trial that raised is FAIL until it runs again (`--resume` reruns errored trials from
+their checkpoint): then its study reopens it and records how that run ends, as the Parquet results do.
+In multi-objective mode (val_acc max, trainable_params min, NSGA-II) there is no ASHA (it takes one
+metric), every trial runs to the end and is COMPLETE with both values, and each task's Pareto front
+comes from its completed trials.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -128,11 +131,15 @@ class PerTaskSearcher(ResumableSearcher):
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         task = self.trial_task.get(trial_id)
+        if task is not None and self.told.get(trial_id) == "FAIL":  # running again (resumed errored trial)
+            self._reopen(task, trial_id)
         if task is not None and not self.multi_objective and METRIC in result:
             self.studies[task].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         task = self.trial_task.get(trial_id)
+        if task is not None and self.told.get(trial_id) == "FAIL" and not error:
+            self._reopen(task, trial_id)
         if task is None or trial_id in self.told:
             return
         study = self.studies[task]
@@ -145,6 +152,33 @@ class PerTaskSearcher(ResumableSearcher):
         else:  # stopped early by the scheduler: PRUNED, valued at its last intermediate val_acc
             study.on_trial_complete(trial_id, None, error=False)
             self.told[trial_id] = "PRUNED"
+
+    def _reopen(self, task: str, trial_id: str) -> None:
+        """Make a trial told FAIL running again in its study, so that its outcome on `--resume` (Tune reruns
+        errored trials from their checkpoint) is what the study records, as the Parquet results do.
+
+        Optuna never reopens a finished trial, so the study is rebuilt: same sampler, pruner, name and
+        attributes, every trial copied in order (numbers and intermediate values kept), this one as
+        RUNNING; OptunaSearch's live trial handles are pointed at the copies.
+        """
+        search = self.studies[task]
+        old: optuna.Study = search._ot_study
+        target = search._ot_trials[trial_id]._trial_id
+        new = optuna.create_study(sampler=old.sampler, pruner=old.pruner, study_name=old.study_name,
+                                  directions=old.directions)
+        for key, value in old._storage.get_study_system_attrs(old._study_id).items():
+            new._storage.set_study_system_attr(new._study_id, key, value)
+        for key, value in old.user_attrs.items():
+            new.set_user_attr(key, value)
+        ids = {}
+        for frozen in old.get_trials(deepcopy=True):
+            if frozen._trial_id == target:
+                frozen.state, frozen.values, frozen.datetime_complete = TrialState.RUNNING, None, None
+            ids[frozen._trial_id] = new._storage.create_new_trial(new._study_id, template_trial=frozen)
+        search._ot_study = new
+        search._ot_trials = {tid: optuna.Trial(new, ids[t._trial_id]) for tid, t in search._ot_trials.items()}
+        search._completed_trials.discard(trial_id)
+        del self.told[trial_id]
 
     # ---- introspection ---------------------------------------------------------------------------
     def study(self, task: str) -> optuna.Study:

@@ -5,7 +5,9 @@ Every epoch reports val_acc, val_loss, train_loss, trainable_params, storage_byt
 restarts included) with a Tune Checkpoint holding the plan parameters and optimizer state
 (`Trainer.save`, weights_only-safe) plus the run's running totals. A trial that Tune restarts (node
 loss, `Tuner.restore`) resumes from its last checkpoint: it rebuilds the same plan from the same
-ranking, loads the parameters and continues at the next epoch.
+ranking, loads the parameters and continues at the next epoch; `restarts` counts every start after the
+first (`count_start`). Final runs compared at the selected SPT plan's budget (`reference_params` in the
+config) report `budget_ratio`, their exact trainable parameters over SPT's.
 
 The ranking arrives as an ObjectRef (one per task, in `rankings`, passed with `tune.with_parameters`):
 trials on any node read the one object the sensitivity store put, never recomputing or copying the
@@ -20,19 +22,22 @@ import os
 import socket
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
 from ray.tune import Checkpoint
 
 from spt_core.experiment import BackboneRef, TaskRef, build_plan, eval_batch_size, prepare_run
-from spt_core.sensitivity import Ranking
+from spt_core.plan import TuningPlan
+from spt_core.sensitivity import Ranking, SensitivityMap
 from spt_core.train import TrainConfig
 
 from .artifacts import write_run_files
@@ -41,6 +46,7 @@ from .storage import Storage
 from .store import SensitivityRequest, get_store, load_map
 
 TOTALS_FILE = "run_totals.json"
+STARTS_DIR = "spt_starts"  # one marker per start of a trial, in its folder on the storage (see count_start)
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,8 @@ def build_trial_plan(config: dict[str, Any], ranking: Ranking,
     kwargs = dict(budget=config.get("budget"), alpha=float(config.get("alpha") or 10.0),
                   rank=int(config.get("rank") or 8), bits=config.get("bits"))
     if method not in SPT_METHODS:
+        if config.get("targets"):  # an equal-budget baseline: the driver chose its rank and targets
+            kwargs.update(budget=None, targets=tuple(config["targets"]))
         return build_plan(method, ranking.layout, **kwargs), "layout"
     try:
         plan = build_plan(method, ranking, **kwargs)
@@ -125,9 +133,27 @@ def fetch_ranking(context: TrialContext, rankings: dict[str, ray.ObjectRef],
     return handle.ref, ray.get(handle.ref)
 
 
+def count_start() -> int:
+    """How often this trial started before (0 on its first start); records this start.
+
+    Every start leaves a marker in the trial's folder on the sweep storage. A checkpoint cannot count
+    restarts: Tune restarts a trial from scratch when it failed (or its driver was killed) before a
+    checkpoint was registered, and such a restart is as real as one from a checkpoint. The markers
+    survive a killed driver and a lost node because they live on the storage, not on the node.
+    """
+    storage = tune.get_context().get_storage()
+    fs, folder = storage.storage_filesystem, f"{storage.trial_fs_path}/{STARTS_DIR}"
+    fs.create_dir(folder, recursive=True)
+    before = [i for i in fs.get_file_info(pafs.FileSelector(folder)) if i.type == pafs.FileType.File]
+    with fs.open_output_stream(f"{folder}/start-{uuid.uuid4().hex}"):
+        pass
+    return len(before)
+
+
 def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[str, ray.ObjectRef]) -> None:
     """Train one configuration; see the module docstring. Raises on a config the plan cannot satisfy."""
     started = time.perf_counter()
+    restarts = count_start()
     os.environ["SPT_NO_PROGRESS"] = "1"
     torch.set_num_threads(_threads())
     task_name, method = config["task"], config["method"]
@@ -144,14 +170,11 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
                                                      seed=seed, num_workers=context.num_workers)
 
     totals = {f"{k}_total": 0.0 for k in ("setup_s", "train_s", "eval_s", "checkpoint_s", "wall_s")}
-    restarts = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.load(d)
-            saved = json.loads((Path(d) / TOTALS_FILE).read_text())
-            totals.update(saved["totals"])
-            restarts = int(saved["restarts"]) + 1
+            totals.update(json.loads((Path(d) / TOTALS_FILE).read_text())["totals"])
     setup_s = time.perf_counter() - started
     totals["setup_s_total"] += setup_s
     segment_start, wall_base = started, totals["wall_s_total"]
@@ -161,6 +184,7 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
         "trainable_params": plan.trainable_params, "storage_bytes": plan.storage_bytes,
         "sensitivity_key": meta.get("key"), "sensitivity_s": meta.get("sensitivity_s"),
         "ranking_object": ranking_ref.hex(), "plan_source": plan_source, "restarts": restarts,
+        "budget_ratio": plan.trainable_params / config["reference_params"] if config.get("reference_params") else None,
         "ranking_bytes": ranking.nbytes + (4 * ranking.num_entries if plan_source == "full-map" else 0),
         "host": socket.gethostname(), "device": _device_name(trainer.device),
         "node_id": ray.get_runtime_context().get_node_id(), **package_versions(),
@@ -190,7 +214,7 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
             totals["checkpoint_s_total"] += out["checkpoint_s"]
             out["wall_s"] = time.perf_counter() - segment_start
             totals["wall_s_total"] = wall_base + out["wall_s"]
-            (Path(tmp) / TOTALS_FILE).write_text(json.dumps({"totals": totals, "restarts": restarts}))
+            (Path(tmp) / TOTALS_FILE).write_text(json.dumps({"totals": totals}))
             tune.report({**out, **totals}, checkpoint=Checkpoint.from_directory(tmp))
         return False
 

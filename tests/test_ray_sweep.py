@@ -100,6 +100,25 @@ def test_worker_node_lost_mid_trial_resumes_from_checkpoint(ray_cluster, ray_min
     ray_cluster.remove_node(spare)
 
 
+def test_a_restart_without_a_checkpoint_is_counted(ray_cluster, tmp_path):
+    from ray import tune
+    from ray.tune import FailureConfig, RunConfig, Tuner
+
+    from spt_ray.trainable import count_start
+
+    def fails_on_its_first_start(config):
+        """Raises on its first start before any checkpoint (as a driver killed or a node lost before Tune
+        registered one): Tune restarts it from scratch, which a checkpoint cannot count."""
+        n = count_start()
+        if n == 0:
+            raise RuntimeError("first start fails")
+        tune.report({"restarts": n})
+
+    grid = Tuner(fails_on_its_first_start, run_config=RunConfig(
+        name="restarts", storage_path=str(tmp_path), failure_config=FailureConfig(max_failures=2), verbose=0)).fit()
+    assert not grid.errors and grid[0].metrics["restarts"] == 1
+
+
 DRIVER = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -142,6 +161,8 @@ def test_killed_sweep_resumes_without_duplicates_or_recomputation(ray_mini_root,
         first.wait()
     before = read_results(tmp_path, "resume")
     assert 2 <= sum(r == "trial" for r in before.column("row_kind").to_pylist()) < 8
+    finished = {r["trial_id"] for r in before.to_pylist() if r["row_kind"] == "trial"}
+    interrupted = {r["trial_id"] for r in before.to_pylist() if r["row_kind"] == "report"} - finished
 
     second = _driver(tmp_path, {**spec, "resume": True}, "second", ray_tmpdir)
     assert second.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-3000:]
@@ -155,6 +176,11 @@ def test_killed_sweep_resumes_without_duplicates_or_recomputation(ray_mini_root,
     rows = table.to_pylist()
     trials = [r for r in rows if r["row_kind"] == "trial"]
     assert len(trials) == 2 * (2 + 1) and len({r["trial_id"] for r in trials}) == 6
+    for t in trials:  # finished before the kill: never restarted; left running by it: started again, and says so
+        if t["trial_id"] in finished:
+            assert t["restarts"] == 0, t
+        elif t["trial_id"] in interrupted:
+            assert t["restarts"] == 1, t
     for t in trials:  # every search trial has each of its epochs exactly once
         epochs = sorted(r["epoch"] for r in rows if r["row_kind"] == "report" and r["trial_id"] == t["trial_id"])
         assert epochs == list(range(1, t["epoch"] + 1))

@@ -4,8 +4,12 @@ ranking truncation (against a real sensitivity map of the mini backbone)."""
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import random
+import subprocess
+import sys
+import typing
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
@@ -142,6 +146,28 @@ def test_searcher_state_survives_save_and_restore(tmp_path):
     nxt = [fresh.suggest(f"u{i}") for i in range(4)]
     assert [c["task"] if isinstance(c, dict) else c for c in nxt] == ["b", "a", "b", "FINISHED"]
     pickle.loads(pickle.dumps(fresh))  # Tuner pickles it with the experiment
+
+
+def test_a_failed_trial_completed_on_resume_is_complete_in_its_study(tmp_path):
+    """Tune tells an errored trial FAIL; `--resume` reruns it from its checkpoint (a restored searcher) and it
+    completes: its study must then say COMPLETE with every epoch's value, as Parquet says completed."""
+    s = _searcher(tasks=("a",), n=2)
+    s.suggest("t0"), s.suggest("t1")
+    s.on_trial_result("t0", {"val_acc": 0.3, "epoch": 1, "epochs": 3, "training_iteration": 1})
+    s.on_trial_complete("t0", None, error=True)
+    s.on_trial_complete("t1", {"val_acc": 0.4, "epoch": 3, "epochs": 3})
+    assert s.trial_states("a") == {"FAIL": 1, "COMPLETE": 1}
+    s.save(str(tmp_path / "state.pkl"))
+    resumed = _searcher(tasks=("a",), n=2)
+    resumed.restore(str(tmp_path / "state.pkl"))
+    for epoch, val in ((2, 0.5), (3, 0.6)):
+        resumed.on_trial_result("t0", {"val_acc": val, "epoch": epoch, "epochs": 3, "training_iteration": epoch})
+    resumed.on_trial_complete("t0", {"val_acc": 0.6, "epoch": 3, "epochs": 3})
+    assert resumed.trial_states("a") == {"COMPLETE": 2}
+    first = resumed.study("a").trials[0]
+    assert first.value == pytest.approx(0.6) and first.intermediate_values == {1: 0.3, 2: 0.5, 3: 0.6}
+    assert resumed.study("a").best_trial.number == 0 and resumed.told == {"t0": "COMPLETE", "t1": "COMPLETE"}
+    assert [t.params for t in resumed.study("a").trials] == [t.params for t in s.study("a").trials]
 
 
 def test_multi_objective_searcher_completes_with_both_values():
@@ -357,3 +383,33 @@ def test_configs_deeper_than_the_prefix_read_the_full_map(shapes_map):
     assert plan.trainable_params == allocate(smap, shallow["budget"], structured="lora", rank=16,
                                              alpha=20.0).trainable_params
     assert build_trial_plan({"method": "linear", "lr": 1e-3}, ranking, load_full)[1] == "layout"
+
+
+# ---- module hygiene -------------------------------------------------------------------------------
+def test_plots_do_not_import_the_report():
+    """One direction only: the report imports the plots, never the reverse."""
+    code = "import sys, spt_ray.plots; print('spt_ray.report' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_every_cli_command_function_is_reachable():
+    from spt_ray import cli
+
+    parser, funcs, todo = cli.build_parser(), set(), []
+    todo.append(parser)
+    while todo:
+        p = todo.pop()
+        funcs.add(p.get_default("func"))
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+    defined = {f for name, f in vars(cli).items() if name.startswith("cmd_") and callable(f)}
+    assert defined <= funcs, sorted(f.__name__ for f in defined - funcs)
+
+
+def test_trainable_annotations_name_real_types():
+    from spt_ray import trainable
+
+    for name in ("build_trial_plan", "fetch_ranking", "spt_trainable", "make_trainable", "count_start"):
+        typing.get_type_hints(getattr(trainable, name))  # NameError on an undefined type

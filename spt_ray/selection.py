@@ -1,0 +1,173 @@
+"""The one model selection of a sweep: which trial is "best", the Pareto front, the final runs, their summary.
+
+Every consumer goes through these functions: `run_sweep` (which persists the selection once the search
+phase has finished), `spt-ray results best / pareto / final / plot` and the plots. A second implementation
+(SQL in the reports, say) drifted before: it ranked baselines and ASHA-stopped trials next to completed
+searched ones and mixed sweeps, so "best" disagreed with the configuration the final phase retrained.
+
+Selection happens on validation only: it reads SELECTION_COLUMNS, which hold no test column, and only
+searched search-phase trials that ran all their epochs (status completed). It is per sweep: a table that
+holds rows of several sweeps is refused rather than silently pooled.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spt_core.baselines import is_equal_budget, match_uniform
+from spt_core.layout import ModelLayout
+
+from .results import SCHEMA
+from .space import fixed_configs
+from .storage import Storage
+
+if TYPE_CHECKING:
+    from .spec import SweepSpec
+
+# The only columns model selection may read. No test column: selection happens on validation only.
+SELECTION_COLUMNS = ("task", "phase", "row_kind", "status", "searched", "trial_id", "method", "budget", "alpha",
+                     "rank", "lr", "weight_decay", "bits", "epoch", "epochs", "val_acc", "val_loss",
+                     "trainable_params", "storage_bytes")
+assert not any(c.startswith("test") for c in SELECTION_COLUMNS), "selection must never read a test column"
+CONFIG_KEYS = ("method", "budget", "alpha", "rank", "lr", "weight_decay", "bits")
+EQUAL_BUDGET_METHODS = ("lora", "adapter")  # baselines the final phase runs at the selected SPT plan's budget
+SELECTED_FILE = "selected.parquet"
+SELECTED_SCHEMA = pa.schema([SCHEMA.field("sweep")] + [SCHEMA.field(c) for c in SELECTION_COLUMNS])
+
+
+def _one_sweep(table: pa.Table) -> None:
+    """Refuse tables pooling several sweeps: their trials are not comparable candidates of one search."""
+    if "sweep" in table.column_names and table.num_rows:
+        sweeps = sorted({s for s in table.column("sweep").to_pylist() if s is not None})
+        if len(sweeps) > 1:
+            raise ValueError(f"the results hold several sweeps ({', '.join(sweeps)}); select within one "
+                             "(read_results(storage, sweep))")
+
+
+def candidates(table: pa.Table) -> list[dict[str, Any]]:
+    """The trials selection may choose from: searched search-phase trials that completed all their epochs
+    with a val_acc (never a baseline, never an ASHA-stopped or failed trial). SELECTION_COLUMNS only."""
+    _one_sweep(table)
+    view = table.select(list(SELECTION_COLUMNS))
+    assert not any(c.startswith("test") for c in view.column_names)
+    return [r for r in view.to_pylist()
+            if (r["phase"], r["row_kind"], r["status"]) == ("search", "trial", "completed") and r["searched"]
+            and r["val_acc"] is not None]
+
+
+def select_best(table: pa.Table) -> dict[str, dict[str, Any]]:
+    """Per task, the candidate with the highest val_acc; ties go to fewer trainable parameters, then to the
+    earlier trial id."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in candidates(table):
+        cur = best.get(row["task"])
+        if cur is None or _rank_key(row) > _rank_key(cur):
+            best[row["task"]] = row
+    return dict(sorted(best.items()))
+
+
+def _rank_key(row: dict[str, Any]) -> tuple:
+    return row["val_acc"], -(row["trainable_params"] or 0), tuple(-ord(c) for c in row["trial_id"])
+
+
+def pareto_front(table: pa.Table) -> dict[str, list[dict[str, Any]]]:
+    """Per task, the candidates not dominated in (val_acc max, trainable_params min), by parameters."""
+    rows = candidates(table)
+    fronts: dict[str, list[dict[str, Any]]] = {}
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        front = [r for r in mine if not any(
+            o["val_acc"] >= r["val_acc"] and o["trainable_params"] <= r["trainable_params"]
+            and (o["val_acc"] > r["val_acc"] or o["trainable_params"] < r["trainable_params"]) for o in mine)]
+        fronts[task] = sorted(front, key=lambda r: (r["trainable_params"], r["trial_id"]))
+    return fronts
+
+
+# ---- the persisted selection ----------------------------------------------------------------------
+def selection_path(storage: Storage, sweep: str) -> str:
+    return storage.path("sweeps", sweep, SELECTED_FILE)
+
+
+def persist_selection(storage: Storage, sweep: str, table: pa.Table) -> dict[str, dict[str, Any]]:
+    """Select on `table` (the sweep's results after its search phase) and write the selection whole and
+    atomically to `<storage>/sweeps/<sweep>/selected.parquet`, which every report reads."""
+    best = select_best(table)
+    rows = [{"sweep": sweep, **row} for row in best.values()]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SELECTED_SCHEMA), buf)
+    storage.write_bytes(selection_path(storage, sweep), buf.getvalue())
+    return best
+
+
+def read_selection(storage: Storage, sweep: str) -> dict[str, dict[str, Any]] | None:
+    """The selection the driver persisted for `sweep`; None when its search phase has not finished."""
+    path = selection_path(storage, sweep)
+    if not storage.exists(path):
+        return None
+    table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    return {r["task"]: {k: v for k, v in r.items() if k != "sweep"} for r in table.to_pylist()}
+
+
+# ---- the final phase ------------------------------------------------------------------------------
+def final_configs(spec: SweepSpec, best: Mapping[str, dict[str, Any]],
+                  layouts: Mapping[str, ModelLayout]) -> list[dict[str, Any]]:
+    """Runs of the final phase: (best config of each task + each baseline) x seeds.
+
+    Uniform LoRA / Adapter baselines get the rank AND target matrices whose trainable parameters come
+    closest to the selected SPT plan's (`match_uniform` on the task's layout); `reference_params` (SPT's
+    count) travels with every run whose budget refers to it, so the trainable records `budget_ratio`.
+    """
+    base = fixed_configs(spec.baselines, lr=spec.final_recipe.lr, weight_decay=spec.final_recipe.weight_decay,
+                         bits=spec.space.bits)
+    runs = []
+    for task in spec.tasks:
+        selected = best.get(task)
+        labelled: list[tuple[str, dict[str, Any], str | None]] = []
+        if selected is not None:
+            reference = selected["trainable_params"]
+            labelled.append(("best", {**{k: selected[k] for k in CONFIG_KEYS}, "reference_params": reference},
+                             selected["trial_id"]))
+        for cfg in base:
+            if selected is not None and cfg["method"] in EQUAL_BUDGET_METHODS:
+                choice = match_uniform(layouts[task], reference, cfg["method"])
+                cfg = {**cfg, "budget": reference, "rank": choice.rank, "targets": list(choice.targets),
+                       "reference_params": reference}
+            labelled.append((cfg["method"], cfg, None))
+        for label, cfg, source in labelled:
+            for seed in spec.final_seeds:
+                runs.append({**cfg, "task": task, "label": label, "seed": int(seed), "searched": label == "best",
+                             "source_trial": source, "run_id": f"{task}/{label}/seed{seed}"})
+    return runs
+
+
+def summarize_final(table: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
+    """Test accuracy mean / std (sample std, 0 for one seed) per task and label over the completed final runs,
+    with the label's `budget_ratio` (its trainable parameters over the selected SPT plan's; None where no
+    budget applies) and `equal_budget` (the ratio is within +-10%: only then is it an equal-budget run)."""
+    _one_sweep(table)
+    rows = [r for r in table.to_pylist() if r["phase"] == "final" and r["row_kind"] == "final"
+            and r["status"] == "completed"]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: (r["task"], r["label"], r["seed"])):
+        entry = out.setdefault(r["task"], {}).setdefault(r["label"], {
+            "method": r["method"], "trainable_params": r["trainable_params"], "storage_bytes": r["storage_bytes"],
+            "budget_ratio": r["budget_ratio"], "seeds": [], "test_acc": []})
+        entry["seeds"].append(r["seed"])
+        entry["test_acc"].append(r["test_acc"])
+    for labels in out.values():
+        for e in labels.values():
+            e["n"] = len(e["test_acc"])
+            e["mean"] = statistics.fmean(e["test_acc"])
+            e["std"] = statistics.stdev(e["test_acc"]) if e["n"] > 1 else 0.0
+            e["equal_budget"] = is_equal_budget(e["budget_ratio"])
+    return out
+
+
+__all__ = ["CONFIG_KEYS", "SELECTION_COLUMNS", "candidates", "final_configs", "pareto_front", "persist_selection",
+           "read_selection", "select_best", "summarize_final"]
