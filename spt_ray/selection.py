@@ -149,7 +149,8 @@ def final_configs(spec: SweepSpec, best: Mapping[str, dict[str, Any]],
 def summarize_final(table: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
     """Test accuracy mean / std (sample std, 0 for one seed) per task and label over the completed final runs,
     with the label's `budget_ratio` (its trainable parameters over the selected SPT plan's; None where no
-    budget applies) and `equal_budget` (the ratio is within +-10%: only then is it an equal-budget run)."""
+    budget applies) and `equal_budget` (the ratio is within +-10%: only then is it an equal-budget run;
+    None where no budget applies)."""
     _one_sweep(table)
     rows = [r for r in table.to_pylist() if r["phase"] == "final" and r["row_kind"] == "final"
             and r["status"] == "completed"]
@@ -165,7 +166,7 @@ def summarize_final(table: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
             e["n"] = len(e["test_acc"])
             e["mean"] = statistics.fmean(e["test_acc"])
             e["std"] = statistics.stdev(e["test_acc"]) if e["n"] > 1 else 0.0
-            e["equal_budget"] = is_equal_budget(e["budget_ratio"])
+            e["equal_budget"] = None if e["budget_ratio"] is None else is_equal_budget(e["budget_ratio"])
     return out
 
 

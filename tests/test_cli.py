@@ -51,6 +51,22 @@ def test_results_query_and_pareto(sweep, capsys):
     assert params == sorted(params)
 
 
+def test_reports_agree_with_the_driver_and_flag_unequal_budgets(sweep, capsys):
+    driver = json.loads((sweep / "sweeps" / "cli" / "result.json").read_text())
+    code, out, _ = run_cli(capsys, "results", "best", "--storage", sweep, "--format", "json")
+    assert code == 0 and [r["trial_id"] for r in json.loads(out)] == [driver["best"]["count"]["trial_id"]]
+    code, out, _ = run_cli(capsys, "results", "pareto", "--storage", sweep, "--format", "json")
+    assert [r["trial_id"] for r in json.loads(out)] == [r["trial_id"] for r in driver["pareto"]["count"]]
+    code, out, _ = run_cli(capsys, "results", "final", "--storage", sweep, "--format", "json")
+    final = {r["label"]: r for r in json.loads(out)}
+    spt = driver["best"]["count"]["trainable_params"]
+    assert code == 0 and final["best"]["trainable_params"] == spt and final["best"]["budget_ratio"] == 1.0
+    assert final["linear"]["budget_ratio"] is None and final["linear"]["equal_budget"] is None
+    ratio = final["lora"]["trainable_params"] / spt  # the run's exact count over SPT's
+    assert final["lora"]["budget_ratio"] == pytest.approx(ratio)
+    assert final["lora"]["equal_budget"] == (abs(ratio - 1) <= 0.10)
+
+
 def test_results_plot_writes_pngs(sweep, capsys, tmp_path):
     code, out, _ = run_cli(capsys, "results", "plot", "--storage", sweep, "--out", tmp_path)
     assert code == 0

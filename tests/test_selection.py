@@ -120,6 +120,7 @@ def test_reports_and_driver_agree_on_an_adversarial_table(two_sweeps, capsys, tm
     assert code == 0 and list(final) == ["best", "full", "lora"]
     assert final["lora"]["budget_ratio"] == pytest.approx(0.512) and final["lora"]["equal_budget"] is False
     assert final["best"]["equal_budget"] is True and final["full"]["budget_ratio"] is None
+    assert final["full"]["equal_budget"] is None  # no budget applies: neither equal nor unequal
 
     out_dir = tmp_path_factory.mktemp("plots")
     code, out, _ = _cli(capsys, "results", "plot", "--storage", root, "--sweep", "a", "--out", out_dir)
@@ -205,8 +206,8 @@ def test_uniform_baseline_lands_within_ten_percent_whenever_any_candidate_does(m
 def test_final_phase_runs_equal_budget_baselines_with_exact_accounting(mini_layout):
     spec = SweepSpec.from_dict({"name": "e", "data_root": "/d", "storage": "/s", "tasks": ["shapes"],
                                 "baselines": ["linear", "lora", "adapter"], "final_seeds": [42]})
-    ranking = Ranking.from_scores(torch.rand(sum(t.numel for t in mini_layout.scored), generator=torch.Generator().manual_seed(0)),
-                                  mini_layout)
+    scores = torch.rand(sum(t.numel for t in mini_layout.scored), generator=torch.Generator().manual_seed(0))
+    ranking = Ranking.from_scores(scores, mini_layout)
     for spt_params in (4500, 7000):  # cells had SPT 4.5k vs uniform LoRA 2.3k before
         best = {"shapes": {"trial_id": "t", "method": "spt-lora", "budget": spt_params, "alpha": 10.0, "rank": 8,
                            "lr": 1e-3, "weight_decay": 1e-4, "bits": None, "trainable_params": spt_params}}
