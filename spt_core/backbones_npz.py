@@ -40,6 +40,9 @@ _PER_BLOCK = {  # block-relative npz key -> (block-relative timm key, transform)
     "MlpBlock_3/Dense_1/bias": ("mlp.fc2.bias", None),
 }
 _QKV = ("query", "key", "value")
+# The layout each reshaped kernel must have (by key suffix): a file with another layout is named, not crashed on.
+_LAYOUTS = {"embedding/kernel": "(patch, patch, 3, width)", "head/kernel": "(width, classes)",
+            "Dense_0/kernel": "(width, mlp_dim)", "Dense_1/kernel": "(mlp_dim, width)"}
 # Parts of some released files that are not part of the trunk (the SPT reference never loads them).
 IGNORED_NPZ_PREFIXES = ("pre_logits/",)
 
@@ -68,8 +71,13 @@ def npz_to_state_dict(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Te
 
     def put(key: str, timm_key: str, fn) -> None:
         a = take(key)
-        if a is not None:
-            out[timm_key] = torch.from_numpy(np.ascontiguousarray(fn(a) if fn else a))
+        if a is None:
+            return
+        layout = next((v for k, v in _LAYOUTS.items() if key.endswith(k)), None)
+        if fn is not None and layout is not None and a.ndim != layout.count(",") + 1:
+            raise ValueError(f"Google ViT .npz key {prefix + key} has shape {tuple(a.shape)}, expected {layout}; "
+                             "fix: use an original ViT .npz (or a .pth/.safetensors in timm's layout)")
+        out[timm_key] = torch.from_numpy(np.ascontiguousarray(fn(a) if fn else a))
 
     for key, (timm_key, fn) in _GLOBAL.items():
         if key.startswith("head/") and key not in arrays:

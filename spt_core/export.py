@@ -2,10 +2,13 @@
 
 A delta directory holds `delta.safetensors`, `plan.json` and `meta.json` (provenance: backbone hash, task,
 metrics). It is written to a temporary directory and renamed into place, so it is complete or absent.
+`meta.json` records the sha256 of `delta.safetensors` (`delta_sha256`, what `sha256sum` prints): a file
+changed after export (a flipped value loads without any error and silently changes accuracy) is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -13,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .modules.adapter import Adapter
@@ -23,6 +28,7 @@ from .plan import TuningPlan
 from .surgery import PLAN_ATTR, apply_plan
 
 DELTA_FILE, PLAN_FILE, META_FILE = "delta.safetensors", "plan.json", "meta.json"
+CHECKSUM_KEY = "delta_sha256"  # in meta.json: sha256 of the delta file's bytes
 _PACKED = (".codes", ".mean", ".std")
 
 
@@ -64,9 +70,11 @@ def save_delta(model: nn.Module, out_dir: str | Path, *, meta: dict[str, Any] | 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file(delta_state(model), str(tmp / DELTA_FILE))
+        data = save_safetensors(delta_state(model))
+        (tmp / DELTA_FILE).write_bytes(data)
         (tmp / PLAN_FILE).write_text(plan.to_json())
-        (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=str))
+        meta = {**(meta or {}), CHECKSUM_KEY: hashlib.sha256(data).hexdigest()}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -82,11 +90,22 @@ def read_delta(delta_dir: str | Path) -> tuple[TuningPlan, dict[str, torch.Tenso
         if not (delta_dir / name).is_file():
             raise DeltaError(f"{delta_dir}: missing {name}; export the trial again with `spt-ray export`")
     try:
-        plan = TuningPlan.from_json((delta_dir / PLAN_FILE).read_text())
-        state = load_file(str(delta_dir / DELTA_FILE))
         meta = json.loads((delta_dir / META_FILE).read_text())
-    except (ValueError, OSError, KeyError) as err:
+        data = (delta_dir / DELTA_FILE).read_bytes()
+    except (ValueError, OSError) as err:
         raise DeltaError(f"{delta_dir}: unreadable delta ({type(err).__name__}: {err}); export it again") from None
+    if not isinstance(meta, dict):
+        raise DeltaError(f"{delta_dir}: {META_FILE} is not a JSON object; export the trial again")
+    recorded, actual = meta.get(CHECKSUM_KEY), hashlib.sha256(data).hexdigest()
+    if recorded is not None and recorded != actual:  # deltas exported before checksums have none
+        raise DeltaError(f"delta {delta_dir} changed since export: sha256 {actual[:16]}... != {str(recorded)[:16]}... "
+                         f"recorded in {META_FILE}; re-export it with `spt-ray export`")
+    try:
+        plan = TuningPlan.from_json((delta_dir / PLAN_FILE).read_text())
+        state = load_safetensors(data)
+    except (ValueError, OSError, KeyError, TypeError, SafetensorError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DeltaError(f"{delta_dir}: unreadable delta ({type(err).__name__}: {reason}); export it again") from None
     return plan, state, meta
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import check_fields
 from .progress import progress_bar
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -37,12 +38,17 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types first: "3" or NaN would pass (or crash) the range checks below
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_epochs < 0 or self.warmup_lr < 0 or self.min_lr < 0:
+            raise ValueError(f"warmup_epochs, warmup_lr and min_lr must be >= 0, got {self.warmup_epochs}, "
+                             f"{self.warmup_lr}, {self.min_lr}")
+        if not 0 <= self.label_smoothing < 1 or (self.grad_clip is not None and self.grad_clip < 0):
+            raise ValueError(f"label_smoothing must be in [0, 1) and grad_clip >= 0 (or null), got "
+                             f"{self.label_smoothing}, {self.grad_clip}")
         self.warmup_epochs = min(self.warmup_epochs, self.epochs - 1)  # a short run still gets a cosine phase
 
     def to_dict(self) -> dict[str, Any]:

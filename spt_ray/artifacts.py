@@ -68,7 +68,11 @@ def export_trial(storage: str | Path, trial_id: str, out: str | Path, *, sweep: 
 def evaluate_delta(delta_dir: str | Path, *, data_root: str | None = None, split: str | None = None,
                    batch_size: int | None = None, device: str = "auto", weights: str | None = None) -> dict[str, Any]:
     """Load a delta onto its backbone (checked by weight hash) and evaluate it on a split."""
-    _, _, meta = read_delta(delta_dir)
+    _, _, meta = read_delta(delta_dir)  # refuses a delta whose file changed since export (sha256)
+    missing = [k for k in ("task", "backbone", "backbone_hash", "eval_split", "eval_batch_size") if k not in meta]
+    if missing:
+        raise DeltaError(f"{delta_dir}: meta.json lacks {', '.join(missing)}; export the trial again with "
+                         "`spt-ray export`")
     task = TaskRef(**{**meta["task"], **({"data_root": data_root} if data_root else {})})
     backbone = BackboneRef(**{**meta["backbone"], **({"weights": weights} if weights else {})})
     model, info = load_backbone(backbone, task, seed=0)

@@ -21,15 +21,38 @@ class UsageError(ValueError):
     """Bad input detected by the CLI itself."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's error shape: one line naming the problem and where the fix is, exit 2
+    (argparse's own prints the whole usage block first, which buries the line that matters)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _flag_value(text: str, what: str, example: str) -> float:
+    """A finite float flag value (argparse's float takes 'nan' and 'inf'); argparse shows the message."""
+    from spt_core.checks import finite
+
+    try:
+        return finite(text, what)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not a finite number; give e.g. {example}") from None
+
+
 def parse_budget(text: str) -> int:
     """`400000`, `400k`, `0.4M` -> 400000."""
     t = text.strip().lower().replace("_", "").replace(",", "")
     scale = {"k": 1_000, "m": 1_000_000}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if scale > 1 else t) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number like 400000, 400k or 0.4M") from None
+    value = _flag_value(t[:-1] if scale > 1 else t, "budget", "400000, 400k or 0.4M") * scale
+    if not 1 <= value < 2 ** 63:  # int(round(inf)) would be an OverflowError traceback
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a parameter count >= 1; give e.g. 400000, "
+                                         "400k or 0.4M")
     return int(round(value))
+
+
+def finite_float(text: str) -> float:
+    """A float flag that refuses NaN and infinity (`--alpha inf` would otherwise be accepted)."""
+    return _flag_value(text, "value", "10 or 2.5")
 
 
 def _csv(text: str) -> list[str]:
@@ -188,7 +211,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spt-ray", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="spt-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str,
@@ -217,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=parse_budget, required=True, help="trainable parameters, e.g. 0.4M")
     p.add_argument("--structured", choices=("lora", "adapter"), default="lora")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=10.0)
+    p.add_argument("--alpha", type=finite_float, default=10.0, help="SPT's structured-switch divisor (> 0)")
     p.add_argument("--bits", type=int, choices=(1, 2))
     p.add_argument("--out", help="write the plan JSON here")
 

@@ -52,12 +52,9 @@ def spec_from_args(args: argparse.Namespace, suite: str) -> dict[str, Any]:
 
     spec = recipe(suite, smoke=args.smoke)
     if args.config:
-        import yaml
+        from .validate import read_yaml_mapping
 
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"--config {path} does not exist")
-        spec.update(yaml.safe_load(path.read_text()) or {})
+        spec.update(read_yaml_mapping(args.config, "--config"))
     flags = {"tasks": args.tasks, "name": args.name, "num_samples": args.num_samples,
              "final_seeds": args.final_seeds, "baselines": args.baselines, "max_concurrent": args.max_concurrent,
              "address": args.address}

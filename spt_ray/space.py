@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .validate import check_keys
+from .validate import check_fields, check_keys, finite
 
 SPT_METHODS = ("spt-lora", "spt-adapter")
 BASELINE_METHODS = ("linear", "full", "bitfit", "lora", "adapter")
@@ -31,6 +31,7 @@ class Range:
     high: float
 
     def __post_init__(self) -> None:
+        check_fields(self, "range")  # an infinite end passes `low <= high` and breaks Optuna's sampler
         if not 0 < self.low <= self.high:
             raise ValueError(f"a log range needs 0 < low <= high, got [{self.low}, {self.high}]")
 
@@ -40,9 +41,12 @@ class Range:
             return value
         if isinstance(value, dict):
             check_keys(value, ("low", "high"), what)
-            return cls(float(value["low"]), float(value["high"]))
+            value = [value.get("low"), value.get("high")]
         if isinstance(value, (list, tuple)) and len(value) == 2:
-            return cls(float(value[0]), float(value[1]))
+            try:
+                return cls(finite(value[0], "low"), finite(value[1], "high"))
+            except ValueError as err:
+                raise ValueError(f"{what}: {err}") from None
         raise ValueError(f"{what}: expected [low, high] or {{low:, high:}}, got {value!r}")
 
 

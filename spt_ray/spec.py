@@ -16,7 +16,7 @@ from spt_core.experiment import BackboneRef
 from spt_core.train import TrainConfig
 
 from .space import BASELINE_METHODS, SearchSpace
-from .validate import check_keys
+from .validate import check_fields, check_keys, read_yaml_mapping
 
 DEFAULT_FINAL_SEEDS = (42, 44, 82, 100, 800)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # safe as a directory and a hive partition value
@@ -68,6 +68,7 @@ class SchedulerSpec:
     reduction_factor: float = 2.0
 
     def __post_init__(self) -> None:
+        check_fields(self, "scheduler")
         if self.kind not in ("asha", "fifo"):
             raise ValueError(f"scheduler kind must be 'asha' or 'fifo', got {self.kind!r}")
         if self.grace_period < 1 or self.reduction_factor <= 1:
@@ -83,12 +84,15 @@ class Resources:
     custom: dict[str, float] = field(default_factory=dict)  # e.g. {"accelerator_type:H100": 0.01}
 
     def __post_init__(self) -> None:
+        check_fields(self, "resources")  # a NaN cpu passes `cpu > 0` and the trial then never fits a node
         if any(v < 0 for v in self.custom.values()):
             raise ValueError(f"custom resources must be >= 0, got {self.custom}")
         if self.cpu <= 0 or self.gpu < 0:
-            raise ValueError(f"a trial needs cpu > 0 and gpu >= 0, got cpu={self.cpu}, gpu={self.gpu}")
+            raise ValueError(f"a trial needs cpu > 0 and gpu >= 0, got cpu={self.cpu}, gpu={self.gpu}; set "
+                             "--cpus-per-trial / --gpus-per-trial (resources.cpu / gpu in --config)")
         if self.gpu > 1 and self.gpu != int(self.gpu):
-            raise ValueError(f"more than one GPU must be a whole number, got {self.gpu}")
+            raise ValueError(f"more than one GPU must be a whole number, got {self.gpu}; give a fraction below 1 "
+                             "(trials share a GPU) or a whole number")
 
     def as_dict(self) -> dict[str, float]:
         return {"cpu": self.cpu, "gpu": self.gpu, **self.custom}
@@ -98,7 +102,10 @@ def _train_config(data: dict[str, Any] | TrainConfig | None, what: str, base: Tr
     if isinstance(data, TrainConfig):
         return data
     check_keys(data or {}, [f.name for f in fields(TrainConfig)], what)
-    return TrainConfig(**{**(base.to_dict() if base else {}), **(data or {})})
+    try:
+        return TrainConfig(**{**(base.to_dict() if base else {}), **(data or {})})
+    except ValueError as err:  # name the section: `train` and `final_train` hold the same keys
+        raise ValueError(f"{what}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,9 @@ class SweepSpec:
     reuse_actors: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types and finiteness first: "2" or NaN would crash or pass the checks below
+        for part, what in ((self.backbone, "backbone"), (self.sensitivity, "sensitivity")):
+            check_fields(part, what)
         _safe_name(self.name, "sweep name")
         if self.suite not in SUITES:
             raise ValueError(f"suite must be one of {SUITES}, got {self.suite!r}")
@@ -158,8 +168,11 @@ class SweepSpec:
             raise ValueError(f"unknown baselines {bad}; choose from {BASELINE_METHODS}")
         if self.num_samples < 0 or (self.num_samples == 0 and not self.baselines):
             raise ValueError("num_samples must be >= 1 (or 0 with baselines only)")
+        if self.num_samples == 0 and not self.run_final and not self.search_baselines:
+            raise ValueError("num_samples 0 without the final phase runs nothing; give num_samples >= 1 "
+                             "(--num-samples) or keep the final phase (drop --no-final)")
         if self.max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}; pass --max-concurrent 1 or more")
         if self.run_final and not self.final_seeds:
             raise ValueError("the final phase needs at least one seed (or run_final: false)")
         if self.max_failures < 0 or self.num_workers < 0:
@@ -207,9 +220,7 @@ class SweepSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SweepSpec":
-        import yaml
-
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        return cls.from_dict(read_yaml_mapping(path, "sweep spec"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (round-trips through from_dict); recorded next to the sweep's results."""

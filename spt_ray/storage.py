@@ -8,6 +8,8 @@ hidden temporary name and renamed; object stores publish an object only when its
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -18,6 +20,19 @@ import pyarrow.fs as pafs
 
 def is_uri(location: str) -> bool:
     return "://" in location
+
+
+class StorageError(OSError):
+    """A write to the storage failed; the one-line message says why and what to do about it."""
+
+
+_FIXES = {errno.ENOSPC: "free space there or pass another --storage",
+          errno.EDQUOT: "free space there or pass another --storage",
+          errno.EACCES: "make it writable or pass another --storage",
+          errno.EPERM: "make it writable or pass another --storage",
+          errno.EROFS: "pass a --storage on a writable filesystem",
+          errno.ENOTDIR: "a file is in the way: pass a --storage that is (or will be) a folder",
+          errno.EEXIST: "a file is in the way: pass a --storage that is (or will be) a folder"}
 
 
 @dataclass(frozen=True)
@@ -70,19 +85,36 @@ class Storage:
             return fh.read()
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Write a whole file so that readers see either nothing or all of it."""
+        """Write a whole file so that readers see either nothing or all of it.
+
+        A failed local write (full disk, read-only folder) removes its hidden temporary file: left behind,
+        such files pile up (zero bytes each on a full disk) in folders readers list. The error is a
+        StorageError naming the path, the cause and the fix.
+        """
         parent = path.rsplit("/", 1)[0]
-        self.makedirs(parent)
-        if self.local:
+        try:
+            self.makedirs(parent)
+            if not self.local:
+                with self.fs.open_output_stream(path) as fh:  # object stores publish on close
+                    fh.write(data)
+                return
             tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            return
-        with self.fs.open_output_stream(path) as fh:  # object stores publish on close
-            fh.write(data)
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except StorageError:
+            raise
+        except OSError as err:
+            fix = _FIXES.get(err.errno, "check the storage location (--storage)")
+            raise StorageError(f"cannot write {path} under storage {self.root} "
+                               f"({err.strerror or type(err).__name__}); {fix}") from err
 
     def delete_dir(self, path: str) -> None:
         if self.exists(path):
