@@ -321,7 +321,7 @@ CASES = [
     case("SQL syntax error", QUERY + " SELEC", "query failed", "syntax error"),
     case("SQL unknown column", QUERY + ' "SELECT nope FROM results"', "query failed", "nope"),
     case("SQL writes a file", QUERY + """ "COPY (SELECT 1) TO '{out}/x.csv'" """, "query failed", "",
-         setup=lambda env: env.out.mkdir(), needs="read-only queries (spt_ray/report.py, another change)"),
+         setup=lambda env: env.out.mkdir()),
     case("no results there", "results best --storage {tmp}", "no results", "run `spt-ray tune` first"),
     # cluster files
     case("cluster file missing", "cluster validate {tmp}/none.yaml", "file not found", "fix:"),
@@ -420,6 +420,7 @@ def test_the_campaign_covers_every_area():
 
 # ---- a defect only a running Ray can see -------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="the driver's resource check once Ray is up (" + PREFLIGHT + ")")
 def test_gpu_asked_of_a_cluster_without_one(shared, tmp_path):
     """A fresh local Ray without GPUs and trials that each need one: refused, not waited on forever."""
     if torch.cuda.is_available():
