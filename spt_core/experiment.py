@@ -19,10 +19,11 @@ from .backbones import RANDOM, create_backbone, default_weights, weights_sha256
 from .baselines import bitfit, full_finetune, linear_probe, rank_for_budget, uniform_adapter, uniform_lora
 from .data.common import make_loader as _make_loader
 from .data.fgvc import FgvcDataset
+from .data.fingerprint import split_fingerprint
 from .data.vtab import VtabDataset, task_info
 from .layout import ModelLayout
 from .plan import TuningPlan
-from .sensitivity import Ranking, SensitivityMap, compute_sensitivity
+from .sensitivity import Ranking, SensitivityMap, check_sensitivity_split, compute_sensitivity
 from .surgery import apply_plan
 from .train import Trainer, TrainConfig, resolve_device
 
@@ -128,12 +129,18 @@ def make_loader(task: TaskRef, split: str, *, batch_size: int, train: bool, seed
 
 
 def sensitivity_key(task: TaskRef, backbone: BackboneRef, *, split: str | None = None, num_batches: int = 16,
-                    batch_size: int = 32, seed: int = 0) -> dict[str, Any]:
-    """Everything a sensitivity map depends on, plus `key`, a short hash of it (the cache key)."""
+                    batch_size: int = 32, seed: int = 0, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a sensitivity map depends on, plus `key`, a short hash of it (the cache key).
+
+    Only a training split may be scored (check_sensitivity_split). `data` is the split's fingerprint
+    (list files' bytes, each image's size and mtime; computed when None): a changed copy of the data
+    gets another key, so a stale map is never reused."""
+    split = check_sensitivity_split(split, task.suite) or task.sensitivity_split
     fields = {"backbone": backbone.name, "backbone_hash": backbone_hash(backbone), "suite": task.suite,
-              "task": task.task, "split": split or task.sensitivity_split, "num_batches": num_batches,
+              "task": task.task, "split": split, "num_batches": num_batches,
               "batch_size": batch_size, "seed": seed, "img_size": task.size,
-              "drop_path_rate": backbone.drop_path_rate}
+              "drop_path_rate": backbone.drop_path_rate,
+              "data": data or split_fingerprint(task.suite, task.data_root, task.task, split)}
     fields["key"] = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
     return fields
 
@@ -142,9 +149,8 @@ def compute_task_sensitivity(task: TaskRef, backbone: BackboneRef, *, split: str
                              num_batches: int = 16, batch_size: int = 32, seed: int = 0, device: str = "auto",
                              progress: bool = True) -> SensitivityMap:
     """SPT's reference setting: num_batches x batch_size train images, no augmentation, model in train mode."""
-    loader = make_loader(task, split or task.sensitivity_split, batch_size=batch_size, train=True, seed=seed,
-                         augment=False)
     key = sensitivity_key(task, backbone, split=split, num_batches=num_batches, batch_size=batch_size, seed=seed)
+    loader = make_loader(task, key["split"], batch_size=batch_size, train=True, seed=seed, augment=False)
     model, info = load_backbone(backbone, task, seed=seed)
     dev = resolve_device(device)
     model.to(dev).train()

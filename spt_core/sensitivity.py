@@ -13,8 +13,34 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .data.suites import PROTOCOL_SPLITS
 from .layout import ModelLayout
 from .progress import progress_bar
+
+
+def sensitivity_splits(suite: str | None = None) -> dict[str, list[str]]:
+    """The splits a map may be scored on, each with its suites: the search phase's training split of `suite`
+    (of every suite when None or unknown), i.e. train800 for VTAB-1k and mini, train for FGVC."""
+    allowed: dict[str, list[str]] = {}
+    for name, phases in PROTOCOL_SPLITS.items():
+        if suite not in PROTOCOL_SPLITS or name == suite:
+            allowed.setdefault(phases["search"][0], []).append(name)
+    return allowed
+
+
+def check_sensitivity_split(split: str | None, suite: str | None = None) -> str | None:
+    """`split` if a sensitivity map may be scored on it (None: the suite's own), else a one-line ValueError.
+
+    Why only training splits: the map decides which parameters both phases train, so scoring a validation
+    or test split would leak evaluation data into parameter placement.
+    """
+    allowed = sensitivity_splits(suite)
+    if split is not None and split not in allowed:
+        use = " or ".join(f"{name} ({', '.join(suites)})" for name, suites in allowed.items())
+        raise ValueError(f"sensitivity split {split!r} is not allowed: only the search phase's training split may "
+                         "be scored (a validation or test split would leak evaluation data into parameter "
+                         f"placement); fix: use {use}, or leave the split unset")
+    return split
 
 
 class SensitivityMap(Mapping[str, torch.Tensor]):

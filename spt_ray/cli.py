@@ -126,8 +126,10 @@ def _backbone(args: argparse.Namespace):
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from spt_core.experiment import compute_task_sensitivity
+    from spt_core.sensitivity import check_sensitivity_split
 
-    smap = compute_task_sensitivity(_task(args), _backbone(args), num_batches=args.num_batches,
+    check_sensitivity_split(args.split, args.suite)  # before any data is generated or read
+    smap = compute_task_sensitivity(_task(args), _backbone(args), split=args.split, num_batches=args.num_batches,
                                     batch_size=args.batch_size, seed=args.seed, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sensitivity", cmd_sensitivity, "compute and store one task's sensitivity map")
     _add_task_args(p)
     _add_backbone_args(p)
+    p.add_argument("--split", help="training split to score (default: the suite's own, train800 or FGVC's train; "
+                                   "validation and test splits are refused: they would leak into the plan)")
     p.add_argument("--num-batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

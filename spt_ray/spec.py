@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from spt_core.experiment import BackboneRef
+from spt_core.sensitivity import check_sensitivity_split
 from spt_core.train import TrainConfig
 
 from .space import BASELINE_METHODS, SearchSpace
@@ -42,7 +43,7 @@ class SensitivitySpec:
     ranking_margin is the safety factor on the deepest top-k the search space can need.
     """
 
-    split: str | None = None  # None: the suite's own (train800 for VTAB-style suites, train for FGVC)
+    split: str | None = None  # None: the suite's own; only training splits (train800 for VTAB-style, train for FGVC)
     num_batches: int = 16
     batch_size: int = 32
     seed: int = 0
@@ -51,6 +52,7 @@ class SensitivitySpec:
     ranking_margin: float = 1.25
 
     def __post_init__(self) -> None:
+        check_sensitivity_split(self.split)  # val / test would leak evaluation data into parameter placement
         if self.num_batches < 1 or self.batch_size < 1:
             raise ValueError("sensitivity num_batches and batch_size must be >= 1")
         if self.num_gpus < 0 or self.num_cpus < 0:

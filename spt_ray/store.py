@@ -47,7 +47,8 @@ from spt_core.allocate import allocate
 from spt_core.backbones import RANDOM, default_weights
 from spt_core.experiment import BackboneRef, TaskRef, compute_task_sensitivity, sensitivity_key
 from spt_core.layout import ModelLayout
-from spt_core.sensitivity import Ranking, SensitivityMap
+from spt_core.data.fingerprint import split_fingerprint
+from spt_core.sensitivity import Ranking, SensitivityMap, check_sensitivity_split
 
 from .space import RankingNeeds
 from .storage import Storage
@@ -73,9 +74,21 @@ class SensitivityRequest:
     batch_size: int = 32
     seed: int = 0
 
-    def key_fields(self) -> dict[str, Any]:
+    def __post_init__(self) -> None:
+        check_sensitivity_split(self.split, self.task.suite)  # a map scored on val / test leaks evaluation data
+
+    @property
+    def data_split(self) -> str:
+        return self.split or self.task.sensitivity_split
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """What the pass reads (list files' bytes, each image's size + mtime): cheap, so taken per request."""
+        return split_fingerprint(self.task.suite, self.task.data_root, self.task.task, self.data_split)
+
+    def key_fields(self, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The key's fields; `data` is this request's data_fingerprint() when the caller already took it."""
         return sensitivity_key(self.task, self.backbone, split=self.split, num_batches=self.num_batches,
-                               batch_size=self.batch_size, seed=self.seed)
+                               batch_size=self.batch_size, seed=self.seed, data=data)
 
     def weights_signature(self) -> tuple[str, int, int] | None:
         """(path, size, mtime) of the weights file the key hashes: a cheap test that the key is still valid."""
@@ -132,7 +145,7 @@ def persist_map(storage: Storage, key_fields: dict[str, Any], smap: SensitivityM
 
 
 class MapUnavailable(Exception):
-    """No valid map on disk for a key; `reason` is "missing", "corrupt" or "mismatch"."""
+    """No valid map on disk for a key; `reason` is "missing", "incomplete", "corrupt" or "mismatch"."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -140,21 +153,30 @@ class MapUnavailable(Exception):
 
 
 def _manifest(storage: Storage, key_fields: dict[str, Any]) -> dict[str, Any]:
-    """The entry's manifest, checked against the request; MapUnavailable if absent, unreadable or another key."""
+    """The entry's manifest, checked against the request; MapUnavailable if absent, unreadable or another key.
+
+    A manifest missing next to map files ("incomplete": deleted, or a write that never finished) is told
+    apart from an entry that was never written ("missing"): only the latter is a normal first computation.
+    """
     key = key_fields["key"]
-    path = f"{entry_dir(storage, key)}/{MANIFEST_FILE}"
+    d = entry_dir(storage, key)
+    path = f"{d}/{MANIFEST_FILE}"
     if not storage.exists(path):
-        raise MapUnavailable("missing", f"no stored sensitivity map for key {key}")
+        if any(storage.exists(f"{d}/{name}") for name in (MAP_FILE, LAYOUT_FILE)):
+            raise MapUnavailable("incomplete", f"manifest {path} is missing next to its map files "
+                                               "(deleted, or a write that never finished)")
+        raise MapUnavailable("missing", f"no stored sensitivity map for key {key} (no {path})")
     try:
         manifest = json.loads(storage.read_bytes(path))
     except (OSError, ValueError) as err:
-        raise MapUnavailable("corrupt", f"unreadable manifest for key {key}: {err}") from None
-    if manifest.get("format") != FORMAT or manifest.get("key") != key:
-        raise MapUnavailable("mismatch", f"manifest under {key} names key {manifest.get('key')!r}")
+        raise MapUnavailable("corrupt", f"manifest {path} is unreadable: {type(err).__name__}: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("key") != key:
+        found = manifest.get("key") if isinstance(manifest, dict) else None
+        raise MapUnavailable("mismatch", f"manifest {path} names key {found!r}, not {key}")
     if _canonical(manifest.get("key_fields", {})) != _canonical(key_fields):
-        raise MapUnavailable("mismatch", f"stored key fields differ from the request for key {key}")
+        raise MapUnavailable("mismatch", f"manifest {path}: stored key fields differ from the request")
     if set(manifest.get("sha256", {})) != {MAP_FILE, LAYOUT_FILE}:
-        raise MapUnavailable("corrupt", f"manifest of key {key} does not cover {MAP_FILE} and {LAYOUT_FILE}")
+        raise MapUnavailable("corrupt", f"manifest {path} does not cover {MAP_FILE} and {LAYOUT_FILE}")
     return manifest
 
 
@@ -285,6 +307,10 @@ def rank_from_disk(storage: Storage, key_fields: dict[str, Any], needs: RankingN
             return "ok", *cached
         smap = _map_from_blobs(blobs, key_fields["key"])
     except MapUnavailable as err:
+        if err.reason == "missing":
+            logger.info("sensitivity store: %s; computing it", err)
+        else:  # a map was stored and cannot be used: say why it is recomputed
+            logger.warning("sensitivity store: %s [%s]; recomputing the map", err, err.reason)
         return "unavailable", err.reason, str(err)
     ranking, info = truncated_ranking(smap, needs)
     info["sensitivity_s"] = float(smap.meta.get("seconds", 0.0))
@@ -338,10 +364,13 @@ class SensitivityStore:
         return [handle]
 
     async def _key_fields(self, request: SensitivityRequest) -> dict[str, Any]:
-        """The request's key, hashed once per weights file version (hashing builds the backbone)."""
-        slot = (request, request.weights_signature())
+        """The request's key, hashed once per weights file version and data version (hashing the weights may
+        build the backbone; the data fingerprint is a stat per image, taken on every request, so a changed
+        copy of the data gets a new key even while this detached actor lives on)."""
+        data = await asyncio.to_thread(request.data_fingerprint)
+        slot = (request, request.weights_signature(), data["sha256"])
         if slot not in self.key_cache:
-            self.key_cache[slot] = await asyncio.to_thread(request.key_fields)
+            self.key_cache[slot] = await asyncio.to_thread(request.key_fields, data)
         return self.key_cache[slot]
 
     async def _materialize(self, key_fields: dict[str, Any], request: SensitivityRequest,
@@ -352,11 +381,10 @@ class SensitivityStore:
             self.counters["loaded_from_disk"] += 1
             source = "disk"
         else:
-            reason, message = rest
+            reason, message = rest  # rank_from_disk logged why
             if reason != "missing":
                 self.counters["invalid_on_disk"] += 1
-                logger.warning("sensitivity store: %s; recomputing", message)
-            self._event("invalid" if reason != "missing" else "missing", key, message=message)
+            self._event("invalid" if reason != "missing" else "missing", key, reason=reason, message=message)
             ref = _compute_and_rank.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
                 self.storage, key_fields, request, needs)
             self.inflight[key] = ref

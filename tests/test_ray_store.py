@@ -5,17 +5,24 @@ from every node."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import ray
 
+from spt_core import compute_sensitivity
 from spt_core.experiment import TaskRef
 from spt_ray.space import RankingNeeds, SearchSpace
-from spt_ray.store import MANIFEST_FILE, MAP_FILE, SensitivityRequest, fetch_rankings, get_store
+from spt_ray.storage import Storage
+from spt_ray.store import (
+    MANIFEST_FILE, MAP_FILE, SensitivityRequest, fetch_rankings, get_store, persist_map, rank_from_disk,
+)
 from spt_ray.trainable import TrialContext, fetch_ranking
+from tests.conftest import random_batches, tiny_vit
 
-pytestmark = pytest.mark.slow
 NEEDS = RankingNeeds(SearchSpace())
 
 
@@ -39,6 +46,7 @@ def _trial_fetch(context, refs, task) -> tuple[str, int]:
     return ref.hex(), int(ranking.ids.numel())
 
 
+@pytest.mark.slow
 def test_concurrent_requests_compute_once_per_key_and_every_node_reads_the_ref(ray_cluster, ray_mini_root,
                                                                                ray_backbone, tmp_path):
     store = get_store(str(tmp_path))
@@ -64,6 +72,7 @@ def test_concurrent_requests_compute_once_per_key_and_every_node_reads_the_ref(r
     assert manifest["key"] == handles[0].key and set(manifest["sha256"]) == {MAP_FILE, f"{MAP_FILE}.json"}
 
 
+@pytest.mark.slow
 def test_restarted_store_reloads_from_disk_and_detects_bad_files(ray_cluster, ray_mini_root, ray_backbone, tmp_path):
     reqs = _requests(ray_mini_root, ray_backbone)
     store = get_store(str(tmp_path))
@@ -114,3 +123,67 @@ def test_restarted_store_reloads_from_disk_and_detects_bad_files(ray_cluster, ra
     ray.get(store.forget.remote())
     fetch_rankings(store, reqs, {t: NEEDS for t in reqs})
     assert _stats(store)["loaded_from_disk"] == 4  # the rewritten files verify again
+
+
+# ---- why a stored map is recomputed is said, in the log and in the store's events ----------------------
+def _stored_entry(tmp_path) -> tuple[Storage, dict]:
+    storage = Storage.of(str(tmp_path))
+    key_fields = {"key": "k-test", "task": "shapes"}
+    persist_map(storage, key_fields, compute_sensitivity(tiny_vit(), random_batches(1), progress=False))
+    return storage, key_fields
+
+
+def test_a_deleted_or_unreadable_manifest_is_logged_with_its_path_and_reason(tmp_path, caplog):
+    storage, key_fields = _stored_entry(tmp_path)
+    manifest = tmp_path / "sensitivity" / "k-test" / MANIFEST_FILE
+    caplog.set_level(logging.INFO)
+    assert rank_from_disk(storage, {"key": "never-written"}, NEEDS)[:2] == ("unavailable", "missing")
+    assert [r.levelno for r in caplog.records] == [logging.INFO]  # a first computation is no warning
+    caplog.clear()
+
+    manifest.write_text("{ not json")
+    status, reason, message = rank_from_disk(storage, key_fields, NEEDS)
+    assert (status, reason) == ("unavailable", "corrupt") and str(manifest) in message
+    caplog.clear()
+
+    manifest.unlink()  # deleted: the map files are still there
+    status, reason, message = rank_from_disk(storage, key_fields, NEEDS)
+    assert (status, reason) == ("unavailable", "incomplete")
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and str(manifest) in record.getMessage()
+    assert "missing next to its map files" in record.getMessage() and "recomputing" in record.getMessage()
+
+
+@pytest.mark.slow
+def test_changed_data_gets_a_new_key_and_a_deleted_manifest_is_recomputed_with_a_reason(
+        ray_cluster, ray_mini_root, ray_backbone, tmp_path):
+    """The real store on a real generated mini task: an unchanged copy reuses the map, an edited list or a
+    replaced image computes a new one, and a deleted manifest is recomputed with its reason in the events."""
+    root = tmp_path / "data"
+    shutil.copytree(Path(ray_mini_root) / "shapes", root / "shapes", copy_function=shutil.copy2)
+    store = get_store(str(tmp_path / "storage"))
+
+    def fetch(data_root: Path):
+        request = SensitivityRequest(TaskRef("mini", "shapes", str(data_root)), ray_backbone, num_batches=2)
+        return fetch_rankings(store, {"shapes": request}, {"shapes": NEEDS})["shapes"]
+
+    first = fetch(Path(ray_mini_root))  # the original data
+    assert fetch(root).key == first.key and _stats(store)["computed"] == 1  # an unchanged copy: same map
+    listed = root / "shapes" / "train800.txt"
+    lines = listed.read_text().splitlines()
+    listed.write_text("\n".join(lines[:-1]) + "\n")
+    edited = fetch(root)
+    image = root / "shapes" / lines[0].split()[0]
+    shutil.copyfile(root / "shapes" / lines[1].split()[0], image)
+    replaced = fetch(root)
+    assert len({first.key, edited.key, replaced.key}) == 3 and {edited.source, replaced.source} == {"computed"}
+    assert _stats(store)["computed"] == 3
+
+    (tmp_path / "storage" / "sensitivity" / replaced.key / MANIFEST_FILE).unlink()
+    ray.get(store.forget.remote())
+    again = fetch(root)
+    stats = _stats(store)
+    assert again.key == replaced.key and again.source == "computed"
+    assert (stats["computed"], stats["invalid_on_disk"]) == (4, 1)
+    [event] = [e for e in stats["events"] if e["kind"] == "invalid"]
+    assert event["reason"] == "incomplete" and MANIFEST_FILE in event["message"]

@@ -1,7 +1,18 @@
+import os
+import shutil
+
+import pytest
 import torch
 from torch.nn import functional as F
 
 from spt_core import ModelLayout, compute_sensitivity
+from spt_core.data.mini import write_mini_suite
+from spt_core.data.vtab import task_info
+from spt_core.experiment import BackboneRef, TaskRef, compute_task_sensitivity
+from spt_core.sensitivity import check_sensitivity_split
+from spt_ray.cli import main as cli_main
+from spt_ray.spec import SensitivitySpec
+from spt_ray.store import SensitivityRequest
 from tests.conftest import random_batches, tiny_vit
 
 
@@ -58,8 +69,6 @@ def test_head_is_the_callers_and_a_zero_head_gives_zero_scores():
 
 
 def test_empty_batches_raise():
-    import pytest
-
     with pytest.raises(ValueError, match="no batches"):
         compute_sensitivity(tiny_vit(), [], progress=False)
 
@@ -70,3 +79,89 @@ def test_save_load_round_trip(tmp_path):
     back = type(smap).load(tmp_path / "map.safetensors")
     assert back.meta == smap.meta and back.layout == smap.layout
     assert all(torch.equal(back[n], smap[n]) for n in smap)
+
+
+# ---- only training splits are scored; the cache key follows the data the pass reads ------------------
+TASK_OF_SUITE = {"mini": "shapes", "vtab": "cifar", "fgvc": "cub"}
+EVALUATION_SPLITS = [("mini", "test"), ("mini", "val200"), ("mini", "train800val200"), ("vtab", "test"),
+                     ("vtab", "val200"), ("vtab", "train800val200"), ("fgvc", "val"), ("fgvc", "test"),
+                     ("fgvc", "trainval")]
+
+
+@pytest.mark.parametrize("suite, split", EVALUATION_SPLITS)
+def test_a_split_holding_evaluation_data_is_refused_everywhere_in_one_line(suite, split, tmp_path):
+    """The map places the parameters both phases train: val / test images in it leak into the final score."""
+    task = TaskRef(suite, TASK_OF_SUITE[suite], str(tmp_path / "absent"))
+    for make in (lambda: check_sensitivity_split(split, suite), lambda: SensitivitySpec(split=split),
+                 lambda: SensitivityRequest(task, BackboneRef(), split=split),
+                 lambda: compute_task_sensitivity(task, BackboneRef(), split=split, progress=False)):
+        with pytest.raises(ValueError, match="leak evaluation data into parameter placement") as err:
+            make()
+        assert "\n" not in str(err.value) and "fix: use train" in str(err.value)
+    assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("suite, split", [("mini", "train800"), ("vtab", "train800"), ("fgvc", "train"),
+                                          ("mini", None), ("fgvc", None)])
+def test_the_search_phase_training_split_is_accepted(suite, split, tmp_path):
+    assert check_sensitivity_split(split, suite) == split
+    assert SensitivitySpec(split=split).split == split
+    request = SensitivityRequest(TaskRef(suite, TASK_OF_SUITE[suite], str(tmp_path)), BackboneRef(), split=split)
+    assert request.data_split == {"fgvc": "train"}.get(suite, "train800")
+
+
+def test_a_split_of_another_suite_is_refused_for_this_one():
+    with pytest.raises(ValueError, match=r"use train800 \(vtab\)"):
+        check_sensitivity_split("train", "vtab")
+    with pytest.raises(ValueError, match=r"use train \(fgvc\)"):
+        check_sensitivity_split("train800", "fgvc")
+
+
+def test_cli_sensitivity_split_test_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    code = cli_main(["sensitivity", "--task", "shapes", "--split", "test", "--cache-dir", str(tmp_path / "cache"),
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "'test' is not allowed" in err and "train800" in err and "leak" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def mini_shapes(tmp_path):
+    """A real generated mini task (48 / 16 / 16 images), in the layout `spt-ray data mini` writes."""
+    write_mini_suite(tmp_path / "a", seed=0, tasks=["shapes"], sizes=(48, 16, 16))
+    return tmp_path / "a"
+
+
+def _key(root) -> dict:
+    return SensitivityRequest(TaskRef("mini", "shapes", str(root)), BackboneRef(), num_batches=1).key_fields()
+
+
+def test_the_cache_key_changes_with_the_data_the_pass_reads_and_only_with_it(mini_shapes, tmp_path):
+    first = _key(mini_shapes)
+    assert first["data"]["images"] == 48 and first["split"] == "train800"
+    assert _key(mini_shapes) == first  # unchanged data: same key
+    shutil.copytree(mini_shapes, tmp_path / "copy", copy_function=shutil.copy2)
+    assert _key(tmp_path / "copy")["key"] == first["key"]  # an unchanged copy (bytes and mtimes kept)
+
+    task = mini_shapes / "shapes"
+    (task / "val200.txt").write_text((task / "val200.txt").read_text().replace(" ", "  "))
+    assert _key(mini_shapes)["key"] == first["key"]  # the pass does not read val200
+    lines = (task / "train800.txt").read_text().splitlines()
+    (task / "train800.txt").write_text("\n".join(lines[:-1]) + "\n")  # one image fewer
+    edited = _key(mini_shapes)
+    assert edited["key"] != first["key"] and edited["data"]["images"] == 47
+    path, label = lines[-1].rsplit(None, 1)
+    other = (int(label) + 1) % task_info("shapes").num_classes
+    (task / "train800.txt").write_text("\n".join(lines[:-1] + [f"{path} {other}"]) + "\n")  # a label changed
+    relabelled = _key(mini_shapes)
+    assert relabelled["key"] not in (first["key"], edited["key"]) and relabelled["data"]["images"] == 48
+
+    image = task / lines[0].split()[0]
+    before = image.stat()
+    shutil.copyfile(task / lines[1].split()[0], image)  # another image's pixels under the same name
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    replaced = _key(mini_shapes)
+    assert replaced["key"] != relabelled["key"]
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000_000))  # touched only: size+mtime
+    assert _key(mini_shapes)["key"] not in (relabelled["key"], replaced["key"])  # recomputed, never reused stale
