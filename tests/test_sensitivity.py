@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 
@@ -6,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from spt_core import ModelLayout, compute_sensitivity
+from spt_core.data.fingerprint import split_fingerprint
 from spt_core.data.mini import write_mini_suite
 from spt_core.data.vtab import task_info
 from spt_core.experiment import BackboneRef, TaskRef, compute_task_sensitivity
@@ -165,3 +167,18 @@ def test_the_cache_key_changes_with_the_data_the_pass_reads_and_only_with_it(min
     assert replaced["key"] != relabelled["key"]
     os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000_000))  # touched only: size+mtime
     assert _key(mini_shapes)["key"] not in (relabelled["key"], replaced["key"])  # recomputed, never reused stale
+
+
+def test_an_fgvc_key_follows_its_train_images_and_all_three_label_files(tmp_path):
+    """FGVC class ids are remapped over train, val and test: any of the three files changes train's labels."""
+    from tests.test_data_fgvc import SPLITS, write_fgvc
+
+    data_dir = write_fgvc(tmp_path, "cub", "images")
+    first = split_fingerprint("fgvc", tmp_path, "cub", "train")
+    assert first == split_fingerprint("fgvc", tmp_path, "cub", "train") and first["images"] == len(SPLITS["train"])
+    (data_dir / "test.json").write_text(json.dumps({**SPLITS["test"], "d/9.jpg": 42}))
+    relabelled = split_fingerprint("fgvc", tmp_path, "cub", "train")
+    assert relabelled != first
+    image = data_dir / "images" / "a" / "1.jpg"
+    shutil.copyfile(data_dir / "images" / "b" / "3.jpg", image)
+    assert split_fingerprint("fgvc", tmp_path, "cub", "train") != relabelled
