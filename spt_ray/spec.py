@@ -155,6 +155,7 @@ class SweepSpec:
         _safe_name(self.name, "sweep name")
         if self.suite not in SUITES:
             raise ValueError(f"suite must be one of {SUITES}, got {self.suite!r}")
+        check_sensitivity_split(self.sensitivity.split, self.suite)  # the suite's own training split only
         if not self.tasks:
             raise ValueError("a sweep needs at least one task")
         if len(set(self.tasks)) != len(self.tasks):

@@ -182,3 +182,16 @@ def test_an_fgvc_key_follows_its_train_images_and_all_three_label_files(tmp_path
     image = data_dir / "images" / "a" / "1.jpg"
     shutil.copyfile(data_dir / "images" / "b" / "3.jpg", image)
     assert split_fingerprint("fgvc", tmp_path, "cub", "train") != relabelled
+
+
+def test_a_sweep_scores_only_its_own_suites_training_split(tmp_path):
+    from spt_ray.spec import SweepSpec
+
+    common = dict(name="s", data_root=str(tmp_path), storage=str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match=r"'train' is not allowed.*use train800 \(vtab\)"):
+        SweepSpec(tasks=("cifar",), suite="vtab", sensitivity=SensitivitySpec(split="train"), **common)
+    spec = SweepSpec.from_dict({**common, "tasks": ["cub"], "suite": "fgvc", "sensitivity": {"split": "train"}})
+    assert spec.sensitivity.split == "train"
+    with pytest.raises(ValueError, match="leak evaluation data"):
+        SweepSpec.from_dict({**common, "tasks": ["shapes"], "sensitivity": {"split": "val200"}})
+    assert not (tmp_path / "runs").exists()
