@@ -491,33 +491,27 @@ def measure_ranking_bytes(spec: ModelSpec, *, max_budget: int | None = None, alp
     space = {"methods": ["spt-lora", "spt-adapter"], "budget": [min(5e4, max_budget / 20), max_budget],
              "budget_unit": "params", "alpha": list(alphas), "rank": list(ranks)}
     t0 = time.perf_counter()
-    try:
-        from spt_ray.space import RankingNeeds, SearchSpace
-        from spt_ray.store import truncated_ranking
+    from spt_ray.rankings import derive_ranking, map_stream  # no Ray needed: runs on the GPU machine too
+    from spt_ray.space import RankingNeeds, SearchSpace
 
-        needs = RankingNeeds(SearchSpace.from_dict(space))
-        ranking, info = truncated_ranking(smap, needs)
-        via = "spt_ray.store.truncated_ranking"
-        deepest, margin, slack, points = info["deepest_corner_k"], needs.margin, needs.slack, needs.alpha_points
-    except ImportError as err:  # no Ray (e.g. the GPU machine): the same rule, written out here
-        ranking, deepest, margin, slack, points = _truncated_ranking_fallback(smap, space)
-        via = f"fallback (spt_ray not importable: {err})"
+    needs = RankingNeeds(SearchSpace.from_dict(space))
+    ranking, _ = derive_ranking(map_stream(smap), smap.layout, needs.depths(smap.layout))
     derive_s = time.perf_counter() - t0
     nbytes = ranking.compact().nbytes
     full = 4 * smap.num_entries
     calibration = _calibration(spec, ranking, space, log) if not spec.tiny else None
-    log(f"  ranking: k={ranking.ids.numel():,} (deepest corner {deepest:,}) -> {nbytes / 2**20:.1f} MiB of "
-        f"{full / 2**20:.0f} MiB = {nbytes / full:.4f}")
+    log(f"  ranking: k={ranking.ids.numel():,} -> {nbytes / 2**20:.1f} MiB of {full / 2**20:.0f} MiB = "
+        f"{nbytes / full:.4f}")
     return {"fraction": nbytes / full, "ranking_bytes": nbytes, "full_map_bytes": full,
-            "num_entries": smap.num_entries, "k": int(ranking.ids.numel()), "deepest_corner_k": int(deepest),
-            "margin": margin, "slack": slack, "alpha_points": points, "space": space, "via": via,
-            "bytes_per_entry": nbytes / max(1, ranking.ids.numel()), "synthetic_map_s": gen_s,
-            "derive_s": derive_s, "fraction_without_margin": nbytes / max(1, ranking.ids.numel()) * deepest / full,
-            "synthetic_sigmas": dict(SYNTHETIC_SIGMAS), "calibration": calibration}
+            "num_entries": smap.num_entries, "k": int(ranking.ids.numel()), "margin": needs.margin,
+            "space": space, "via": "spt_ray.rankings.derive_ranking (each tensor's top entries to its deepest "
+            "switch threshold)", "bytes_per_entry": nbytes / max(1, ranking.ids.numel()),
+            "synthetic_map_s": gen_s, "derive_s": derive_s, "synthetic_sigmas": dict(SYNTHETIC_SIGMAS),
+            "calibration": calibration}
 
 
 def _calibration(spec: ModelSpec, ranking, space, log) -> dict[str, Any]:
-    """Per corner, how deep the allocation reaches (on the kept ranking), and the synthetic map's alpha-10
+    """Per corner, how deep the allocation reaches (entries of the kept ranking), and the synthetic map's alpha-10
     LoRA plans next to the released plans' medians (how realistic the map's concentration is)."""
     from spt_core import allocate
 
@@ -544,31 +538,6 @@ def _calibration(spec: ModelSpec, ranking, space, log) -> dict[str, Any]:
         out["released"] = f"released allocations not available: {err}"
     log(f"  ranking depth per corner: {out['corner_k']}")
     return out
-
-
-def _truncated_ranking_fallback(smap, space):
-    from spt_core import Ranking, allocate
-
-    margin, slack, points = 1.25, 256, 5
-    lo, hi = space["alpha"]
-    alphas = [lo * (hi / lo) ** (i / (points - 1)) for i in range(points)]
-    corners = [(s, r, a) for s in ("lora", "adapter") for r in space["rank"] for a in alphas]
-    flat = smap.flat_scores()
-    budget = int(space["budget"][1])
-    n = min(flat.numel(), max(4096, 4 * budget))
-    while True:
-        prefix = Ranking.from_scores(flat, smap.layout, n)
-        try:
-            ks = [allocate(prefix, budget, structured=s, rank=r, alpha=a).meta["num_top_entries"] for s, r, a in corners]
-            settled = max(ks) < n
-        except ValueError:
-            settled = False
-        if settled or n == flat.numel():
-            break
-        n = min(flat.numel(), 4 * n)
-    deepest = max(ks)
-    k = min(flat.numel(), math.ceil(deepest * margin) + slack)
-    return Ranking.from_scores(flat, smap.layout, k).compact(), deepest, margin, slack, points
 
 
 # ---- 5. sweep overhead (spt_ray run_sweep on the mini smoke recipe), in a subprocess -----------------------

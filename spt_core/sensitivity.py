@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -146,6 +148,39 @@ class Ranking:
         """
         ids = self.ids.to(torch.int32) if self.num_entries < 2**31 else self.ids
         return Ranking(ids, self.scores.to(torch.bfloat16), self.layout, self.num_entries, self.meta)
+
+    def pack(self) -> "PackedRanking":
+        """The compact ranking as numpy arrays: what goes through Ray's object store (see PackedRanking)."""
+        r = self.compact()
+        return PackedRanking(r.ids.contiguous().numpy(), r.scores.contiguous().view(torch.int16).numpy(),
+                             self.layout, self.num_entries, dict(self.meta))
+
+
+@dataclass(frozen=True)
+class PackedRanking:
+    """A compact Ranking held as numpy arrays (int32 ids, bfloat16 scores stored as their int16 bits).
+
+    Why numpy: Ray deserialises numpy arrays zero-copy, as read-only views of the object store's shared
+    memory, so every trial on a node reads one buffer; torch tensors are unpickled into private copies,
+    one per `ray.get`. `unpack` wraps the arrays with torch.from_numpy (no copy either); the tensors are
+    then read-only, which is fine: allocate only reads a ranking (it indexes, converts and sorts copies).
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray  # int16: the bits of bfloat16 scores (numpy has no bfloat16)
+    layout: ModelLayout
+    num_entries: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + self.scores.nbytes)
+
+    def unpack(self) -> Ranking:
+        with warnings.catch_warnings():  # torch warns that the views are read-only; nothing writes into them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            ids, scores = torch.from_numpy(self.ids), torch.from_numpy(self.scores).view(torch.bfloat16)
+        return Ranking(ids, scores, self.layout, self.num_entries, dict(self.meta))
 
 
 def compute_sensitivity(

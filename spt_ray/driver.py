@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -211,7 +212,8 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
                     for t in spec.tasks}
         needs = RankingNeeds(spec.space, margin=spec.sensitivity.ranking_margin)
         t0 = time.perf_counter()
-        handles = fetch_rankings(store, requests, {t: needs for t in spec.tasks})
+        holder = f"{spec.name}/{uuid.uuid4().hex[:8]}"  # this run holds its rankings in the store until the end
+        handles = fetch_rankings(store, requests, {t: needs for t in spec.tasks}, holder)
         sensitivity_wall = time.perf_counter() - t0
         refs = {t: h.ref for t, h in handles.items()}
         first = handles[spec.tasks[0]]
@@ -258,8 +260,9 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
                                          scheduler=None, num_samples=len(runs))
             phase_s["final_s"] = time.perf_counter() - t2
             table = read_results(storage, spec.name)
-        store_stats = ray.get(store.stats.remote())
+        store_stats = ray.get(store.stats.remote(holder))  # full_map_reads: this run's
         store_stats.pop("events", None)
+        store.release.remote(holder)
         slots = trial_slots(spec)
     wall = time.perf_counter() - started
     result = SweepResult(

@@ -149,23 +149,29 @@ class ResolvedSpace:
 
 @dataclass(frozen=True)
 class RankingNeeds:
-    """What the sensitivity store must keep of a ranking: enough top entries for any point of `space`.
+    """What the sensitivity store must keep of a ranking: enough entries for any point of `space`.
 
-    The store resolves the space against the backbone (fractional budgets need its parameter count),
-    finds the deepest top-k over the corners (within `depth_factor` x the max budget), and keeps that
-    times `margin` plus `slack` entries so interior points, whose depth the corners do not bound
-    exactly, still fit. Configurations deeper than that read the full map from storage.
+    Per logical tensor, its top entries down to the deepest switch threshold the space can produce: the
+    largest rank, the smallest alpha (divided by `margin`, headroom for a configuration a little outside
+    the searched range) and every structured type of the searched methods; vectors by `beta`. Allocation
+    over that per-tensor ranking is exact for every budget (see spt_ray.rankings), so no trial of the
+    space needs the full map. Budgets and bits do not change thresholds, so they do not enter.
     """
 
     space: SearchSpace = SearchSpace()
     margin: float = 1.25
-    slack: int = 256
     beta: float = 5.0
-    alpha_points: int = 5
-    depth_factor: int = 8  # the corner search looks this many times the max budget deep, no deeper
 
-    def corner_dicts(self, total_params: int) -> list[dict[str, Any]]:
-        return self.space.resolve(total_params).corners(self.alpha_points)
+    def __post_init__(self) -> None:
+        if not self.margin >= 1:
+            raise ValueError(f"the ranking margin must be >= 1, got {self.margin}")
+
+    def depths(self, layout: Any) -> Any:
+        """Entries to keep per scored logical tensor of `layout` (a torch int64 tensor, layout order)."""
+        from .rankings import switch_depths
+
+        kinds = tuple(sorted({STRUCTURED_OF[m] for m in self.space.methods}))
+        return switch_depths(layout, kinds, max(self.space.rank), self.space.alpha.low / self.margin, self.beta)
 
 
 def fixed_configs(baselines: tuple[str, ...], *, lr: float, weight_decay: float, rank: int = 8,

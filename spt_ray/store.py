@@ -10,12 +10,18 @@ with the whole backbone unfrozen), and every trial of a task needs the same one.
   sha256 of both, each file written whole and renamed into place) so a later sweep, a resumed sweep or
   a restarted actor reloads it instead of recomputing. A missing manifest, a checksum or a key mismatch
   is logged and the map is recomputed;
-* `ray.put`s, from the actor itself, only what trials need: the global ranking truncated at the deepest
-  top-k the corners of the search space use (`Ranking.compact()`: int32 ids, bfloat16 scores, the
-  layout). Objects are owned by their creator; put by a detached actor they outlive the driver, so a
-  resumed driver or a trial rescheduled on another node still reads them. The derived ranking is also
-  kept next to the map (`ranking-<needs hash>.safetensors`, checksummed), so a reload skips the
-  allocation search; the rare configuration deeper than the prefix reads the full map from storage.
+* `ray.put`s, from the actor itself, only what trials need: each tensor's top entries down to the
+  deepest switch threshold of the search space, in global order (spt_ray.rankings: exact for every
+  budget of the space, 3.5% of the fp32 map for ViT-B/16 and the VTAB space), as numpy arrays
+  (`PackedRanking`: int32 ids, bfloat16 bits, the layout) so every trial on a node reads one shared,
+  read-only buffer. Objects are owned by their creator; put by a detached actor they outlive the driver,
+  so a resumed driver or a trial rescheduled on another node still reads them. A sweep run holds the
+  rankings it asked for and releases them at its end; rankings no run holds are dropped.
+* keeps the derived ranking next to the map (`ranking-<needs hash>.safetensors`, with its own sha256 and
+  the map's): a reload reads and checks that small file, not the map. Deriving reads the map one tensor at
+  a time (checked against its manifest in chunks), so the head never holds the whole map; at most
+  `max_reloads` derivations run at once. Only a configuration outside the space the ranking was sized for
+  reads the full map (in the trial); the store counts those reads (`full_map_reads`).
 
 The actor is pinned to the head node (node affinity on the head's node id) and reserves no CPU, so it
 never holds a slot trials could use and dies only with the cluster. Computing a map runs as a Ray task
@@ -30,26 +36,24 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import os
 import socket
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from spt_core.allocate import allocate
 from spt_core.backbones import RANDOM, default_weights
 from spt_core.experiment import BackboneRef, TaskRef, compute_task_sensitivity, sensitivity_key
-from spt_core.layout import ModelLayout
 from spt_core.data.fingerprint import split_fingerprint
-from spt_core.sensitivity import Ranking, SensitivityMap, check_sensitivity_split
+from spt_core.sensitivity import SensitivityMap, check_sensitivity_split
 
+from .rankings import derive_ranking, map_stream
 from .space import RankingNeeds
 from .storage import Storage
 
@@ -218,106 +222,6 @@ def load_map(storage: Storage, key_fields: dict[str, Any]) -> SensitivityMap:
     return _map_from_blobs(blobs, key_fields["key"])
 
 
-# ---- the ranking trials need --------------------------------------------------------------------
-def truncated_ranking(smap: SensitivityMap, needs: RankingNeeds) -> tuple[Ranking, dict[str, Any]]:
-    """The top of the global ranking, deep enough for every corner of the search space (+ margin).
-
-    SPT's allocation is run for each corner (max budget x structured type x rank x alpha points) on a
-    prefix of `depth_factor` x max budget entries. A corner that settles strictly inside the prefix has
-    an exact top-k; the kept depth is the deepest such top-k times `margin` plus `slack`. A corner that
-    does not settle (typically a budget near or above what the whole model can absorb at that rank, where
-    the walk must reach the least sensitive tensors) is counted as deep: trials with such configurations
-    read the full map from storage instead (see `spt_ray.trainable.build_trial_plan`).
-    """
-    start = time.perf_counter()
-    flat = smap.flat_scores()
-    n_all = flat.numel()
-    corners = needs.corner_dicts(smap.layout.total_params)
-    max_budget = max((c["budget"] for c in corners), default=0)
-    n = min(n_all, max(4096, needs.depth_factor * max_budget))
-    prefix = Ranking.from_scores(flat, smap.layout, n)
-    depths, deep = [], 0
-    for c in corners:
-        try:
-            k = allocate(prefix, c["budget"], structured=c["structured"], rank=c["rank"], alpha=c["alpha"],
-                         beta=needs.beta).meta["num_top_entries"]
-        except ValueError:
-            if not prefix.truncated:
-                raise
-            k = n
-        if k >= n and prefix.truncated:
-            deep += 1
-        else:
-            depths.append(k)
-    deepest = max(depths, default=0)
-    k = min(n_all, math.ceil(deepest * needs.margin) + needs.slack)
-    ranking = Ranking(prefix.ids[:k], prefix.scores[:k], smap.layout, n_all).compact() if k <= n else \
-        Ranking.from_scores(flat, smap.layout, k).compact()
-    ranking.meta.update(deepest_corner_k=deepest, corners=len(corners), deep_corners=deep)
-    info = {"k": k, "deepest_corner_k": deepest, "deep_corners": deep, "corners": len(corners),
-            "num_entries": n_all, "derive_s": time.perf_counter() - start, "nbytes": ranking.nbytes,
-            "full_map_bytes": n_all * 4, "total_params": smap.layout.total_params}
-    return ranking, info
-
-
-def needs_id(needs: RankingNeeds) -> str:
-    return hashlib.sha256(_canonical(asdict(needs)).encode()).hexdigest()[:16]
-
-
-def save_ranking(storage: Storage, key: str, needs: RankingNeeds, ranking: Ranking, info: dict[str, Any]) -> None:
-    """Keep the derived ranking next to its map: reloading it skips the allocation search."""
-    from safetensors.torch import save
-
-    blob = save({"ids": ranking.ids.contiguous(), "scores": ranking.scores.contiguous()})
-    base = f"{entry_dir(storage, key)}/ranking-{needs_id(needs)}"
-    storage.write_bytes(f"{base}.safetensors", blob)
-    doc = {"sha256": sha256(blob), "info": info, "meta": ranking.meta, "num_entries": ranking.num_entries}
-    storage.write_bytes(f"{base}.json", _canonical(doc).encode())
-
-
-def _cached_ranking(storage: Storage, key_fields: dict[str, Any], needs: RankingNeeds, manifest: dict[str, Any],
-                    layout_blob: bytes):
-    """The cached ranking for (key, needs), verified, or None when there is none (or it fails its check)."""
-    from safetensors.torch import load
-
-    base = f"{entry_dir(storage, key_fields['key'])}/ranking-{needs_id(needs)}"
-    if not storage.exists(f"{base}.json"):
-        return None
-    try:
-        doc = json.loads(storage.read_bytes(f"{base}.json"))
-        tensors = load(_verified(storage, f"{base}.safetensors", doc["sha256"], "cached ranking"))
-    except (MapUnavailable, OSError, ValueError, KeyError) as err:
-        logger.warning("sensitivity store: ignoring the cached ranking of key %s: %s", key_fields["key"], err)
-        return None
-    layout = ModelLayout.from_dict(json.loads(layout_blob)["layout"])
-    ranking = Ranking(tensors["ids"], tensors["scores"], layout, int(doc["num_entries"]), doc["meta"])
-    return ranking, {**doc["info"], "sensitivity_s": float(manifest["meta"].get("seconds", 0.0)), "cached": True}
-
-
-def rank_from_disk(storage: Storage, key_fields: dict[str, Any], needs: RankingNeeds):
-    """The ranking from storage: the cached one, else derived from the map (and cached). The map's files
-    are verified either way, so a corrupt map is caught (and recomputed) even when its ranking is cached.
-
-    Returns ("ok", ranking, info) or ("unavailable", reason, message).
-    """
-    try:
-        manifest, blobs = _verified_blobs(storage, key_fields)
-        cached = _cached_ranking(storage, key_fields, needs, manifest, blobs[LAYOUT_FILE])
-        if cached is not None:
-            return "ok", *cached
-        smap = _map_from_blobs(blobs, key_fields["key"])
-    except MapUnavailable as err:
-        if err.reason == "missing":
-            logger.info("sensitivity store: %s; computing it", err)
-        else:  # a map was stored and cannot be used: say why it is recomputed
-            logger.warning("sensitivity store: %s [%s]; recomputing the map", err, err.reason)
-        return "unavailable", err.reason, str(err)
-    ranking, info = truncated_ranking(smap, needs)
-    info["sensitivity_s"] = float(smap.meta.get("seconds", 0.0))
-    save_ranking(storage, key_fields["key"], needs, ranking, info)
-    return "ok", ranking, info
-
-
 @ray.remote(max_retries=2)
 def _compute_and_rank(storage: Storage, key_fields: dict[str, Any], request: SensitivityRequest, needs: RankingNeeds):
     """Compute the map (on a GPU when this task was given one), persist it, derive the ranking."""
@@ -328,10 +232,12 @@ def _compute_and_rank(storage: Storage, key_fields: dict[str, Any], request: Sen
                                     seed=request.seed, device="auto", progress=False)
     seconds = time.perf_counter() - start
     smap.meta.update(wall_s=seconds, node_id=ray.get_runtime_context().get_node_id(), host=socket.gethostname())
-    persist_map(storage, key_fields, smap)
-    ranking, info = truncated_ranking(smap, needs)
+    from .ranking_cache import save_ranking  # it builds on this module's persistence
+
+    manifest = persist_map(storage, key_fields, smap)
+    ranking, info = derive_ranking(map_stream(smap), smap.layout, needs.depths(smap.layout))
     info["sensitivity_s"] = seconds
-    save_ranking(storage, key_fields["key"], needs, ranking, info)
+    save_ranking(storage, key_fields["key"], needs, ranking, info, manifest["sha256"][MAP_FILE])
     return "ok", ranking, info
 
 
@@ -340,19 +246,26 @@ def _compute_and_rank(storage: Storage, key_fields: dict[str, Any], request: Sen
 class SensitivityStore:
     """See the module docstring. Async: many trials wait on one computation without blocking others."""
 
-    def __init__(self, storage: str, num_gpus: float = 0.0, num_cpus: float = 1.0):
+    def __init__(self, storage: str, num_gpus: float = 0.0, num_cpus: float = 1.0, max_reloads: int = 2):
         self.storage = Storage.of(storage)
         self.num_gpus, self.num_cpus = float(num_gpus), float(num_cpus)
-        self.counters: Counter[str] = Counter(computed=0, loaded_from_disk=0, served=0, invalid_on_disk=0)
+        self.counters: Counter[str] = Counter(computed=0, loaded_from_disk=0, served=0, invalid_on_disk=0,
+                                              full_map_reads=0, evicted=0, peak_reloads=0)
         self.handles: dict[tuple[str, RankingNeeds], RankingHandle] = {}
+        self.holders: dict[tuple[str, RankingNeeds], set[str]] = {}  # the sweeps that still use each ranking
+        self.full_map_reads: Counter[str] = Counter()  # per holder
+        self.reloads = asyncio.Semaphore(max_reloads)  # disk reloads at once: each holds a tensor and a ranking
+        self.reloading = 0
         self.key_cache: dict[tuple[SensitivityRequest, Any], dict[str, Any]] = {}
         self.inflight: dict[str, ray.ObjectRef] = {}  # key -> pending compute task
         self.locks: dict[str, asyncio.Lock] = {}
         self.events: list[dict[str, Any]] = []
         self.started_at = time.time()
 
-    async def get_ranking(self, request: SensitivityRequest, needs: RankingNeeds) -> list[RankingHandle]:
-        """The handle (its `.ref` is the ranking's ObjectRef), wrapped in a list so callers get the ref."""
+    async def get_ranking(self, request: SensitivityRequest, needs: RankingNeeds,
+                          holder: str | None = None) -> list[RankingHandle]:
+        """The handle (its `.ref` is the ranking's ObjectRef), wrapped in a list so callers get the ref.
+        `holder` (a sweep run) keeps the ranking in memory until it calls `release`."""
         self.counters["served"] += 1
         key_fields = await self._key_fields(request)
         key = key_fields["key"]
@@ -361,7 +274,31 @@ class SensitivityStore:
             if handle is None:
                 handle = await self._materialize(key_fields, request, needs)
                 self.handles[(key, needs)] = handle
+            held = self.holders.setdefault((key, needs), set())
+            if holder is not None:
+                held.add(holder)
         return [handle]
+
+    def release(self, holder: str) -> int:
+        """A sweep run is done with its rankings: drop every ranking no holder uses any more (the object
+        store frees it once trials still reading it let go). Returns how many were dropped."""
+        dropped = 0
+        for slot, held in list(self.holders.items()):
+            held.discard(holder)
+            if not held:
+                self.handles.pop(slot, None)
+                del self.holders[slot]
+                dropped += 1
+        self.counters["evicted"] += dropped
+        self.full_map_reads.pop(holder, None)
+        return dropped
+
+    def record_full_map_read(self, key: str, needs: RankingNeeds) -> None:
+        """A trial needed the whole map (a configuration outside the space the ranking was sized for)."""
+        self.counters["full_map_reads"] += 1
+        for holder in self.holders.get((key, needs), ()):
+            self.full_map_reads[holder] += 1
+        self._event("full-map-read", key)
 
     async def _key_fields(self, request: SensitivityRequest) -> dict[str, Any]:
         """The request's key, hashed once per weights file version and data version (hashing the weights may
@@ -375,8 +312,16 @@ class SensitivityStore:
 
     async def _materialize(self, key_fields: dict[str, Any], request: SensitivityRequest,
                            needs: RankingNeeds) -> RankingHandle:
+        from .ranking_cache import rank_from_disk
+
         key = key_fields["key"]
-        status, *rest = await asyncio.to_thread(rank_from_disk, self.storage, key_fields, needs)
+        async with self.reloads:
+            self.reloading += 1
+            self.counters["peak_reloads"] = max(self.counters["peak_reloads"], self.reloading)
+            try:
+                status, *rest = await asyncio.to_thread(rank_from_disk, self.storage, key_fields, needs)
+            finally:
+                self.reloading -= 1
         if status == "ok":
             self.counters["loaded_from_disk"] += 1
             source = "disk"
@@ -395,7 +340,7 @@ class SensitivityStore:
             self.counters["computed"] += 1
             source = "computed"
         ranking, info = rest
-        ref = ray.put(ranking)  # owned by this detached actor: outlives any driver
+        ref = ray.put(ranking.pack())  # numpy: zero-copy reads; owned by this detached actor: outlives drivers
         self._event(source, key, k=info["k"], nbytes=info["nbytes"])
         return RankingHandle(key, key_fields, ref, info["k"], info["num_entries"], info["nbytes"],
                              info["full_map_bytes"], info["total_params"], info["sensitivity_s"], source, info)
@@ -403,15 +348,21 @@ class SensitivityStore:
     def _event(self, kind: str, key: str, **extra: Any) -> None:
         self.events.append({"kind": kind, "key": key, "time": time.time(), **extra})
 
-    def stats(self) -> dict[str, Any]:
-        """Counters (computed, loaded_from_disk, served, invalid_on_disk), in-flight keys and events."""
-        return {**self.counters, "inflight": sorted(self.inflight), "keys": sorted({k for k, _ in self.handles}),
+    def stats(self, holder: str | None = None) -> dict[str, Any]:
+        """Counters (computed, loaded_from_disk, served, invalid_on_disk, full_map_reads, evicted,
+        peak_reloads), in-flight keys and events; with `holder`, `full_map_reads` counts that run's only."""
+        counters = dict(self.counters)
+        if holder is not None:
+            counters.update(full_map_reads=self.full_map_reads[holder],
+                            full_map_reads_all=self.counters["full_map_reads"])
+        return {**counters, "inflight": sorted(self.inflight), "keys": sorted({k for k, _ in self.handles}),
                 "events": list(self.events), "started_at": self.started_at, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def forget(self) -> None:
         """Drop the in-memory handles (the next request reloads from disk); for tests and `spt-ray` tools."""
         self.handles.clear()
+        self.holders.clear()
 
 
 def head_node_id() -> str | None:
@@ -423,7 +374,7 @@ def head_node_id() -> str | None:
 
 
 def get_store(storage: str | os.PathLike, *, num_gpus: float = 0.0, num_cpus: float = 1.0,
-              name: str = STORE_NAME) -> ray.actor.ActorHandle:
+              name: str = STORE_NAME, max_reloads: int = 2) -> ray.actor.ActorHandle:
     """The store actor of this cluster for `storage`, created (detached, on the head node) if needed.
 
     One store per storage root: the actor name carries a hash of the root, so two sweeps writing to
@@ -435,11 +386,12 @@ def get_store(storage: str | os.PathLike, *, num_gpus: float = 0.0, num_cpus: fl
     options: dict[str, Any] = dict(name=actor_name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
     if head is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=head, soft=False)
-    return SensitivityStore.options(**options).remote(root, num_gpus, num_cpus)
+    return SensitivityStore.options(**options).remote(root, num_gpus, num_cpus, max_reloads)
 
 
 def fetch_rankings(store: ray.actor.ActorHandle, requests: dict[str, SensitivityRequest],
-                   needs: dict[str, RankingNeeds]) -> dict[str, RankingHandle]:
-    """Ask the store for every task at once (the store runs their computations in parallel)."""
-    refs = {task: store.get_ranking.remote(req, needs[task]) for task, req in requests.items()}
+                   needs: dict[str, RankingNeeds], holder: str | None = None) -> dict[str, RankingHandle]:
+    """Ask the store for every task at once (the store runs their computations in parallel); `holder` (a
+    sweep run) keeps them cached in the store until it calls `store.release.remote(holder)`."""
+    refs = {task: store.get_ranking.remote(req, needs[task], holder) for task, req in requests.items()}
     return {task: ray.get(ref)[0] for task, ref in refs.items()}

@@ -41,7 +41,8 @@ from spt_core.sensitivity import Ranking, SensitivityMap
 from spt_core.train import TrainConfig
 
 from .artifacts import write_run_files
-from .space import SPT_METHODS, RankingNeeds
+from .rankings import covers
+from .space import SPT_METHODS, STRUCTURED_OF, RankingNeeds
 from .storage import Storage
 from .store import SensitivityRequest, get_store, load_map
 
@@ -98,9 +99,9 @@ def _device_name(device: torch.device) -> str:
 
 def build_trial_plan(config: dict[str, Any], ranking: Ranking,
                      load_full: Callable[[], SensitivityMap]) -> tuple[TuningPlan, str]:
-    """The trial's plan and where it came from: "ranking" (the object-store prefix), "layout" (baselines),
-    or "full-map" when the configuration reaches deeper than the prefix (the store sizes the prefix for
-    the search space's corners; a budget near what the whole model can absorb needs every entry)."""
+    """The trial's plan and where it came from: "ranking" (the object-store ranking), "layout" (baselines),
+    or "full-map" for a configuration whose switch thresholds the ranking does not reach (outside the
+    search space it was sized for; see spt_ray.rankings): every configuration of the space is "ranking"."""
     method = config["method"]
     kwargs = dict(budget=config.get("budget"), alpha=float(config.get("alpha") or 10.0),
                   rank=int(config.get("rank") or 8), bits=config.get("bits"))
@@ -108,14 +109,20 @@ def build_trial_plan(config: dict[str, Any], ranking: Ranking,
         if config.get("targets"):  # an equal-budget baseline: the driver chose its rank and targets
             kwargs.update(budget=None, targets=tuple(config["targets"]))
         return build_plan(method, ranking.layout, **kwargs), "layout"
-    try:
-        plan = build_plan(method, ranking, **kwargs)
-        if not ranking.truncated or plan.meta["num_top_entries"] < ranking.ids.numel():
-            return plan, "ranking"
-    except ValueError:  # spt_core: "the ranking holds only the top k entries ..."
-        if not ranking.truncated:
-            raise
+    if covers(ranking, STRUCTURED_OF[method], kwargs["rank"], kwargs["alpha"]):
+        return build_plan(method, ranking, **kwargs), "ranking"
     return build_plan(method, load_full(), **kwargs), "full-map"
+
+
+def full_map_loader(context: TrialContext, task: str) -> Callable[[], SensitivityMap]:
+    """Reads the task's full map from storage for a configuration outside the space its ranking covers;
+    each read is reported to the store, which counts them per sweep (`full_map_reads`)."""
+    def load_full() -> SensitivityMap:
+        meta = context.rankings_meta[task]
+        get_store(context.storage_root).record_full_map_read.remote(meta["key"], context.needs)
+        return load_map(Storage.of(context.storage_root), meta["key_fields"])
+
+    return load_full
 
 
 def fetch_ranking(context: TrialContext, rankings: dict[str, ray.ObjectRef],
@@ -124,13 +131,13 @@ def fetch_ranking(context: TrialContext, rankings: dict[str, ray.ObjectRef],
     after the sweep started), a fresh ref from the store by key (it reloads the map from disk)."""
     ref = rankings[task]
     try:
-        return ref, ray.get(ref, timeout=600)
+        return ref, ray.get(ref, timeout=600).unpack()  # zero-copy views of the object store's buffer
     except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError, ray.exceptions.ObjectFetchTimedOutError):
         if context.storage_root is None or task not in context.requests or context.needs is None:
             raise
     store = get_store(context.storage_root)
     handle = ray.get(store.get_ranking.remote(context.requests[task], context.needs))[0]
-    return handle.ref, ray.get(handle.ref)
+    return handle.ref, ray.get(handle.ref).unpack()
 
 
 def count_start() -> int:
@@ -162,8 +169,7 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
 
     ranking_ref, ranking = fetch_ranking(context, rankings, task_name)
     meta = context.rankings_meta.get(task_name, {})
-    plan, plan_source = build_trial_plan(
-        config, ranking, lambda: load_map(Storage.of(context.storage_root), meta["key_fields"]))
+    plan, plan_source = build_trial_plan(config, ranking, full_map_loader(context, task_name))
     cfg = TrainConfig(**{**context.train, "lr": float(config["lr"]), "weight_decay": float(config["weight_decay"]),
                          "seed": seed})
     trainer, train_loader, eval_loader = prepare_run(task, context.backbone, plan, cfg, phase=context.phase,

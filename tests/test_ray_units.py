@@ -1,12 +1,11 @@
 """spt_ray pieces that need no cluster: spec validation, the search space, the per-task searcher and
-scheduler (real OptunaSearch), Parquet results (real files, read back with pyarrow and DuckDB), and the
-ranking truncation (against a real sensitivity map of the mini backbone)."""
+scheduler (real OptunaSearch) and Parquet results (real files, read back with pyarrow and DuckDB). The
+ranking the sensitivity store derives is tested in test_store_scale.py."""
 
 from __future__ import annotations
 
 import argparse
 import pickle
-import random
 import subprocess
 import sys
 import typing
@@ -18,20 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spt_core.allocate import allocate
-from spt_core.experiment import BackboneRef, TaskRef, compute_task_sensitivity
 from spt_ray.driver import SELECTION_COLUMNS, pareto_front, select_best, summarize_final
 from spt_ray.results import (FILE_SCHEMA, SCHEMA, ResultsWriter, RowContext, duckdb_connect, make_row, read_results,
                              summary_row)
 from spt_ray.search import FixedSearcher, PerTaskScheduler, PerTaskSearcher
-from spt_ray.space import RankingNeeds, SearchSpace
+from spt_ray.space import SearchSpace
 from spt_ray.spec import SweepSpec
 from spt_ray.storage import Storage
-from spt_ray.trainable import build_trial_plan
-from spt_ray.store import (MAP_FILE, MapUnavailable, SensitivityRequest, load_map, persist_map, rank_from_disk,
-                           truncated_ranking)
-
-NEEDS = RankingNeeds(SearchSpace())
 BASE = dict(name="s", data_root="/data", storage="/store", tasks=["shapes"])
 
 
@@ -308,81 +300,6 @@ def test_selection_reads_validation_only_and_summaries():
     summary = summarize_final(pa.Table.from_pylist(finals, schema=SCHEMA))
     assert summary["shapes"]["best"]["mean"] == pytest.approx(0.6) and summary["shapes"]["best"]["n"] == 2
     assert summary["shapes"]["best"]["std"] == pytest.approx(0.1414, abs=1e-3)
-
-
-# ---- ranking truncation and map persistence ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def shapes_map(ray_mini_root, ray_backbone):
-    request = SensitivityRequest(TaskRef("mini", "shapes", ray_mini_root), ray_backbone, num_batches=2, batch_size=32)
-    smap = compute_task_sensitivity(request.task, request.backbone, num_batches=2, batch_size=32, progress=False)
-    return request, smap
-
-
-def test_truncated_ranking_allocates_like_the_full_map(shapes_map):
-    _, smap = shapes_map
-    space = SearchSpace()
-    ranking, info = truncated_ranking(smap, RankingNeeds(space))
-    assert ranking.ids.dtype == torch.int32 and ranking.truncated
-    assert info["nbytes"] == ranking.nbytes < info["full_map_bytes"] / 10
-    resolved = space.resolve(smap.layout.total_params)
-    rng = random.Random(0)
-    for _ in range(12):  # random interior points of the space: same plan from the truncated ranking
-        kw = dict(structured=rng.choice(["lora", "adapter"]), rank=rng.choice(space.rank),
-                  alpha=rng.uniform(space.alpha.low, space.alpha.high))
-        budget = rng.randint(resolved.budget_low, resolved.budget_high)
-        full, cut = allocate(smap, budget, **kw), allocate(ranking, budget, **kw)
-        assert cut.trainable_params == full.trainable_params
-        assert cut.to_dict()["tensors"] == full.to_dict()["tensors"]
-
-
-@pytest.mark.parametrize("uri", [False, True])
-def test_maps_persist_verify_and_reload(shapes_map, tmp_path, uri):
-    """The store's files: written whole, checked on load (checksum, key), through a path or a pyarrow URI."""
-    request, smap = shapes_map
-    storage = Storage.of(f"file://{tmp_path}" if uri else tmp_path)
-    assert storage.local is not uri
-    key_fields = request.key_fields()
-    assert rank_from_disk(storage, key_fields, NEEDS)[:2] == ("unavailable", "missing")
-    persist_map(storage, key_fields, smap)
-    assert not list(tmp_path.rglob("*.tmp"))
-    status, ranking, info = rank_from_disk(storage, key_fields, NEEDS)
-    assert status == "ok" and torch.equal(load_map(storage, key_fields).flat_scores(), smap.flat_scores())
-    assert ranking.ids.numel() == info["k"] and "cached" not in info
-    status, cached, info = rank_from_disk(storage, key_fields, NEEDS)  # the derived ranking is kept on disk
-    assert info["cached"] and torch.equal(cached.ids, ranking.ids) and torch.equal(cached.scores, ranking.scores)
-    other = {**key_fields, "seed": 1}  # same directory, different request: a mismatch, not a silent reuse
-    with pytest.raises(MapUnavailable, match="differ"):
-        load_map(storage, other)
-    blob = tmp_path / "sensitivity" / key_fields["key"] / MAP_FILE
-    blob.write_bytes(blob.read_bytes()[:-8] + b"corrupt!")
-    assert rank_from_disk(storage, key_fields, NEEDS)[:2] == ("unavailable", "corrupt")
-
-
-def test_configs_deeper_than_the_prefix_read_the_full_map(shapes_map):
-    """A budget beyond what rank-4 LoRA on every tensor can absorb needs the whole ranking: the store counts
-    such corners as deep and keeps a prefix sized for the others; a trial with such a config loads the map."""
-    _, smap = shapes_map
-    space = SearchSpace.from_dict({"budget": [0.001, 0.2], "rank": [4, 16]})
-    ranking, info = truncated_ranking(smap, RankingNeeds(space, depth_factor=2))
-    assert info["deep_corners"] > 0 and ranking.truncated
-    loads = []
-
-    def load_full():
-        loads.append(1)
-        return smap
-
-    resolved = space.resolve(smap.layout.total_params)
-    deep = {"method": "spt-lora", "budget": resolved.budget_high, "alpha": 20.0, "rank": 4, "bits": None}
-    plan, source = build_trial_plan(deep, ranking, load_full)
-    assert source == "full-map" and loads == [1]
-    assert plan.to_dict()["tensors"] == allocate(smap, resolved.budget_high, structured="lora", rank=4,
-                                                 alpha=20.0).to_dict()["tensors"]
-    shallow = {**deep, "budget": resolved.budget_low * 4, "rank": 16}
-    plan, source = build_trial_plan(shallow, ranking, load_full)
-    assert source == "ranking" and loads == [1]
-    assert plan.trainable_params == allocate(smap, shallow["budget"], structured="lora", rank=16,
-                                             alpha=20.0).trainable_params
-    assert build_trial_plan({"method": "linear", "lr": 1e-3}, ranking, load_full)[1] == "layout"
 
 
 # ---- module hygiene -------------------------------------------------------------------------------
