@@ -301,17 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("spt-ray: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, KeyError, OSError, ImportError, RuntimeError) as err:
-        if os.environ.get("SPT_DEBUG") == "1":
-            raise
-        text = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip().splitlines()
-        print(f"spt-ray {args.command}: error: {text[0] if text else type(err).__name__}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    from spt_ray.faults import report_errors
+
+    return report_errors(lambda: int(args.func(args) or 0), f"spt-ray {args.command}")
 
 
 if __name__ == "__main__":

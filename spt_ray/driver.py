@@ -27,16 +27,17 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Iterator
 
-import pyarrow as pa
 import ray
 from ray.tune import CheckpointConfig, ExperimentAnalysis, FailureConfig, RunConfig, TuneConfig, Tuner
 
 from spt_core.experiment import TaskRef
 
+from .faults import SweepInterrupted, tune_interrupt_messages, unwrap_ray_error
+from .preflight import check_resources, check_sweep
 from .results import ResultsCallback, ResultsWriter, RowContext, read_results, rows_from_trial_log
+from .resume import align_final, purge_rows, restorable_trials
 from .search import FixedSearcher, PerTaskScheduler, PerTaskSearcher
 from .selection import (CONFIG_KEYS, SELECTION_COLUMNS, final_configs, pareto_front, persist_selection,  # noqa: F401
                         select_best, summarize_final)
@@ -106,30 +107,45 @@ def trial_slots(spec: SweepSpec) -> int:
     return max(1, slots)
 
 
-def measure_overhead(table: pa.Table, wall_s: float, slots: int, sensitivity_wall_s: float,
-                     since: datetime | None = None) -> dict[str, float]:
-    """Share of time outside training + evaluation, over the runs this invocation finished (`since`).
+def measure_overhead(epochs: list[dict[str, Any]], wall_s: float, slots: int,
+                     sensitivity_wall_s: float) -> dict[str, float]:
+    """Share of time outside training + evaluation, over the epochs this invocation ran.
 
-    `share`: of this invocation's wall time times its trial slots (everything: Ray start-up, sensitivity,
+    `epochs`: the per-epoch Tune results this invocation produced (`_run_phase` keeps those stamped after
+    it started). A resumed sweep counts only what it ran itself: a run's `*_total` columns also hold the
+    time of earlier invocations, and counting them made the share of a resumed sweep negative. `share`:
+    of this invocation's wall time times its trial slots (everything: Ray start-up, sensitivity,
     scheduling gaps, actor start, data loading, checkpoints). `trial_share`: of the trials' own wall time
-    (setup, checkpoints, reporting). A resumed sweep counts only what it ran itself.
+    (setup, checkpoints, reporting). One segment (a trial's start or restart) reports its setup on every
+    epoch and its wall time cumulatively, so both count once per segment.
     """
-    rows = [r for r in table.to_pylist() if r["row_kind"] in ("trial", "final")
-            and (since is None or r["created_at"] >= since)]
-    busy = sum((r["train_s"] or 0.0) + (r["eval_s"] or 0.0) for r in rows)
-    trial_wall = sum(r["wall_s"] or 0.0 for r in rows)
+    busy = sum((r.get("train_s") or 0.0) + (r.get("eval_s") or 0.0) for r in epochs)
+    segments: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for r in epochs:
+        seg = segments.setdefault((r.get("trial_id"), r.get("restarts")), {"setup_s": r.get("setup_s") or 0.0,
+                                                                             "wall_s": 0.0})
+        seg["wall_s"] = max(seg["wall_s"], r.get("wall_s") or 0.0)
+    trial_wall = sum(seg["wall_s"] for seg in segments.values())
     capacity = wall_s * slots
     return {"wall_s": wall_s, "slots": float(slots), "busy_s": busy, "trial_wall_s": trial_wall,
-            "setup_s": sum(r["setup_s"] or 0.0 for r in rows),
-            "checkpoint_s": sum(r["checkpoint_s"] or 0.0 for r in rows),
-            "sensitivity_wall_s": sensitivity_wall_s,
-            "runs": float(len(rows)), "share": 1.0 - busy / capacity if rows and capacity > 0 else math.nan,
+            "setup_s": sum(seg["setup_s"] for seg in segments.values()),
+            "checkpoint_s": sum(r.get("checkpoint_s") or 0.0 for r in epochs),
+            "sensitivity_wall_s": sensitivity_wall_s, "runs": float(len({t for t, _ in segments})),
+            "share": 1.0 - busy / capacity if epochs and capacity > 0 else math.nan,
             "trial_share": 1.0 - busy / trial_wall if trial_wall > 0 else math.nan}
 
 
 # ---- one phase = one Tune experiment ---------------------------------------------------------------
-def _reconcile(experiment_path: str, ctx: RowContext, writer: ResultsWriter, storage: Storage) -> None:
-    """Rebuild every trial's rows from Tune's own per-trial logs; the writer skips rows already stored."""
+def _reconcile(experiment_path: str, ctx: RowContext, writer: ResultsWriter,
+               storage: Storage) -> tuple[list[dict[str, Any]], int]:
+    """Rebuild every trial's rows from Tune's own per-trial logs; the writer skips rows already stored.
+
+    Returns every per-epoch result of the experiment (for the overhead of this invocation) and how many
+    trials its saved state holds unfinished. Read from storage, not from `fit`'s ResultGrid: after a
+    Ctrl-C Tune marks the trials it stops TERMINATED in memory, while the state it saved says RUNNING.
+    """
+    epochs: list[dict[str, Any]] = []
+    unfinished = 0
     analysis = ExperimentAnalysis(experiment_path, storage_filesystem=storage.fs if not storage.local else None)
     for trial in analysis.trials:
         log_path = f"{trial.path}/result.json"
@@ -144,22 +160,35 @@ def _reconcile(experiment_path: str, ctx: RowContext, writer: ResultsWriter, sto
             r.setdefault("config", trial.config)
         error = trial.status == "ERROR"
         finished = trial.status in ("TERMINATED", "ERROR")
+        unfinished += not finished
         rows = rows_from_trial_log(ctx, trial.trial_id, results, error=error, finished=finished)
         for row in rows:
             writer.put(row)
+        epochs += [r for r in results if "epoch" in r]
+    return epochs, unfinished
 
 
 def _run_phase(spec: SweepSpec, storage: Storage, phase: str, context: TrialContext, refs: dict[str, Any],
-               ctx: RowContext, *, searcher: Any, scheduler: Any, num_samples: int) -> dict[str, int]:
+               ctx: RowContext, *, searcher: Any, scheduler: Any, num_samples: int,
+               since: float) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """One Tune experiment, new or restored; returns trial counts and the epochs it ran after `since`.
+
+    Raises SweepInterrupted when Tune stopped with trials unfinished (Ctrl-C): after the rows of what did
+    finish are in Parquet, and before anything could treat the phase as complete.
+    """
     exp_name = f"{spec.name}-{phase}"
     tune_root = storage.uri("tune")
     path = f"{tune_root}/{exp_name}"
     trainable = make_trainable(context, refs, spec.resources.as_dict())
     writer = ResultsWriter.shared(storage, spec.name)
-    if Tuner.can_restore(path):
-        if not spec.resume:
-            raise ValueError(f"sweep {spec.name!r} already has a {phase} experiment at {path}; "
-                             "pass resume=True to continue it, or use a new sweep name")
+    known = restorable_trials(storage, path)
+    if known is not None and not spec.resume:
+        raise ValueError(f"sweep {spec.name!r} already has a {phase} experiment at {path}; rerun with "
+                         "--resume (run_sweep: resume=True) to continue it, or choose a new --name")
+    purge_rows(storage, spec.name, phase, writer, keep=known or set(),
+               reason="their trials belong to no experiment this run continues (a driver killed before Tune "
+                      "saved its state)")
+    if known is not None:
         logger.info("resuming the %s phase from %s", phase, path)
         tuner = Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -175,14 +204,16 @@ def _run_phase(spec: SweepSpec, storage: Storage, phase: str, context: TrialCont
     t0 = time.perf_counter()
     grid = tuner.fit()
     t1 = time.perf_counter()
-    _reconcile(grid.experiment_path, ctx, writer, storage)
+    epochs, unfinished = _reconcile(grid.experiment_path, ctx, writer, storage)
     writer.flush()
     logger.info("%s phase: Tune %.1fs, reconciliation %.1fs", phase, t1 - t0, time.perf_counter() - t1)
+    if unfinished:
+        raise SweepInterrupted(spec.name, f"the {phase} phase")
     counts: dict[str, int] = {}
     for r in grid:
         status = "error" if r.error else "ok"
         counts[status] = counts.get(status, 0) + 1
-    return counts
+    return counts, [r for r in epochs if r.get("timestamp", 0) >= int(since)]
 
 
 def trial_name(trial: Any) -> str:
@@ -196,15 +227,35 @@ def _sweep_exists(storage: Storage, name: str) -> bool:
 
 
 def run_sweep(spec: SweepSpec) -> SweepResult:
-    """Run (or resume) a whole sweep; see the module docstring. Returns the summary, also saved as JSON."""
-    started, since = time.perf_counter(), datetime.now(timezone.utc)
+    """Run (or resume) a whole sweep; see the module docstring. Returns the summary, also saved as JSON.
+
+    Ctrl-C at any point raises SweepInterrupted (a KeyboardInterrupt whose text says to rerun with
+    `--resume`) once finished work is saved; an error raised inside a Ray task or actor is re-raised as
+    the exception it wraps, with its own one-line message (spt_ray/faults.py).
+    """
+    stage = ["the checks before the sweep"]  # where a Ctrl-C landed, for its message
+    try:
+        with tune_interrupt_messages():
+            return _sweep(spec, stage)
+    except SweepInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise SweepInterrupted(spec.name, stage[0]) from None
+    except ray.exceptions.RayError as err:
+        raise unwrap_ray_error(err) from None
+
+
+def _sweep(spec: SweepSpec, stage: list[str]) -> SweepResult:
+    started, since = time.perf_counter(), time.time()
     storage = Storage.of(spec.storage)
     if _sweep_exists(storage, spec.name) and not spec.resume:
-        raise ValueError(f"sweep {spec.name!r} already exists under {storage.root}; pass resume=True to continue "
-                         "it, or use a new sweep name")
-    storage.write_bytes(storage.path("sweeps", spec.name, "spec.json"),
-                        json.dumps(spec.to_dict(), indent=1, default=str).encode())
-    with ray_session(spec.address), _results_writer(storage, spec.name):
+        raise ValueError(f"sweep {spec.name!r} already exists under {storage.root}; rerun with --resume "
+                         "(run_sweep: resume=True) to continue it, or choose a new --name")
+    check_sweep(spec)  # data, weights, search space, storage: before anything is written (spt_ray/preflight.py)
+    stage[0] = "Ray start-up"
+    with ray_session(spec.address), _results_writer(storage, spec.name) as writer:
+        check_resources(spec)
+        stage[0] = "the sensitivity pass"
         store = get_store(storage.root, num_gpus=spec.sensitivity.num_gpus, num_cpus=spec.sensitivity.num_cpus)
         requests = {t: SensitivityRequest(TaskRef(spec.suite, t, spec.data_root, spec.img_size), spec.backbone,
                                           split=spec.sensitivity.split, num_batches=spec.sensitivity.num_batches,
@@ -220,6 +271,8 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         keys = tuple((t, h.key) for t, h in handles.items())
         rankings_meta = {t: {"key": h.key, "key_fields": h.key_fields, "nbytes": h.nbytes,
                              "sensitivity_s": h.sensitivity_s} for t, h in handles.items()}
+        storage.write_bytes(storage.path("sweeps", spec.name, "spec.json"),  # from here on, the sweep exists
+                            json.dumps(spec.to_dict(), indent=1, default=str).encode())
 
         def context(phase: str) -> tuple[TrialContext, RowContext]:
             recipe = spec.train if phase == "search" else spec.final_recipe
@@ -241,8 +294,9 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         tc, rc = context("search")
         phase_s: dict[str, float] = {"start_s": t0 - started, "sensitivity_s": sensitivity_wall}
         t1 = time.perf_counter()
-        trials["search"] = _run_phase(spec, storage, "search", tc, refs, rc, searcher=searcher, scheduler=scheduler,
-                                      num_samples=spec.search_samples)
+        stage[0] = "the search phase"
+        trials["search"], epochs = _run_phase(spec, storage, "search", tc, refs, rc, searcher=searcher,
+                                              scheduler=scheduler, num_samples=spec.search_samples, since=since)
         phase_s["search_s"] = time.perf_counter() - t1
         table = read_results(storage, spec.name)
         best = persist_selection(storage, spec.name, table)  # the one selection every report reads
@@ -254,12 +308,18 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         # phase 2: final (retrain on train800val200 with several seeds, test once)
         if spec.run_final:
             runs = final_configs(spec, best, {t: ray.get(refs[t]).layout for t in best})
+            stage[0] = "the final phase"
+            align_final(storage, spec.name, runs, spec.final_recipe.to_dict(),
+                        {t: b["trial_id"] for t, b in best.items()}, writer)
             tc, rc = context("final")
             t2 = time.perf_counter()
-            trials["final"] = _run_phase(spec, storage, "final", tc, refs, rc, searcher=FixedSearcher(runs),
-                                         scheduler=None, num_samples=len(runs))
+            trials["final"], final_epochs = _run_phase(spec, storage, "final", tc, refs, rc,
+                                                       searcher=FixedSearcher(runs), scheduler=None,
+                                                       num_samples=len(runs), since=since)
+            epochs += final_epochs
             phase_s["final_s"] = time.perf_counter() - t2
             table = read_results(storage, spec.name)
+        stage[0] = "the summary"
         store_stats = ray.get(store.stats.remote(holder))  # full_map_reads: this run's
         store_stats.pop("events", None)
         store.release.remote(holder)
@@ -269,7 +329,7 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         name=spec.name, storage=storage.root, results_path=storage.uri("results", f"sweep={spec.name}"),
         best=best, final=summarize_final(table) if spec.run_final else {}, pareto=pareto_front(table),
         sensitivity={t: _sensitivity_summary(h) for t, h in handles.items()},
-        overhead={**measure_overhead(table, wall, slots, sensitivity_wall, since), **phase_s}, store_stats=store_stats,
+        overhead={**measure_overhead(epochs, wall, slots, sensitivity_wall), **phase_s}, store_stats=store_stats,
         trials=trials)
     storage.write_bytes(storage.path("sweeps", spec.name, "result.json"),
                         json.dumps(result.to_dict(), indent=1, default=str).encode())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,12 +83,18 @@ def _default_data_root(spec: dict[str, Any]) -> str:
 
 
 def prepare_data(spec: SweepSpec) -> None:
-    """The mini suite is generated on first use; real suites must already be on disk."""
+    """The mini suite is generated on first use; real suites must already be on disk.
+
+    Only missing mini tasks are generated: a task folder already there is the user's data (maybe a
+    smaller or edited copy) and is checked, never silently replaced, by the sweep's preflight.
+    """
     root = Path(spec.data_root)
     if spec.suite == "mini":
         from spt_core.data.mini import write_mini_suite
 
-        write_mini_suite(root, tasks=list(spec.tasks))
+        missing = [t for t in spec.tasks if not (root / t).exists()]
+        if missing:
+            write_mini_suite(root, tasks=missing)
     elif not root.is_dir():
         raise ValueError(f"--data-root {root} is not a folder; put the {spec.suite} data there "
                          f"(see cluster/README.md)")
@@ -97,10 +102,12 @@ def prepare_data(spec: SweepSpec) -> None:
 
 def run_from_args(args: argparse.Namespace, suite: str | None = None):
     from .driver import run_sweep
+    from .preflight import check_storage
     from .spec import SweepSpec
 
     data = spec_from_args(args, suite or args.suite)
     spec = SweepSpec.from_dict(data)
+    check_storage(spec.storage)  # before the mini data is generated under it (its default place)
     prepare_data(spec)
     result = run_sweep(spec)
     if args.json:
@@ -154,9 +161,10 @@ def script_main(suite: str, argv: list[str] | None = None) -> int:
     """Entry point of sweeps/<suite>.py (and what `ray submit cluster.yaml sweeps/<suite>.py -- ...` runs)."""
     parser = add_tune_args(argparse.ArgumentParser(description=f"SPT sweep over the {suite} suite"), suite=suite)
     args = parser.parse_args(argv)
-    try:
+    from .faults import report_errors
+
+    def command() -> int:
         run_from_args(args, suite)
-    except ValueError as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return report_errors(command, f"sweeps/{suite}.py")

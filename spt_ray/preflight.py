@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 def check_storage(location: str) -> None:
-    """A local storage must be a folder this user can create or write; nothing is written to find out."""
+    """A local storage must be a folder this user can create or write to (tested by creating and removing
+    an empty folder in it, or in its nearest existing parent: nothing is left behind)."""
     if is_uri(location):
         return  # object stores: permissions show on the first write (the sensitivity map)
     path = Path(location)
@@ -37,9 +39,12 @@ def check_storage(location: str) -> None:
         what = "is a file" if probe == path else f"is under {probe}, which is a file"
         raise ValueError(f"--storage {path} {what}, not a folder; pass a folder (created if missing), "
                          f"e.g. --storage {path.parent / (path.name + '-runs')}")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        where = "" if probe == path else f" (its nearest existing parent {probe} is read-only)"
-        raise ValueError(f"--storage {path} is not writable by this user{where}; pass a folder you can write to")
+    try:  # what the sweep will do first: create a folder there (os.access is wrong for root on procfs/sysfs)
+        os.rmdir(tempfile.mkdtemp(prefix=".spt-write-check-", dir=probe))
+    except OSError as err:
+        where = "" if probe == path else f" (nor is its nearest existing parent {probe})"
+        raise ValueError(f"--storage {path} is not writable{where}: {err.strerror}; pass a folder you can "
+                         "write to") from None
 
 
 def _splits(spec: SweepSpec, task: TaskRef) -> list[str]:
