@@ -1,9 +1,11 @@
-"""The derived ranking on storage, next to its map: cached with its own checksum, derived tensor by tensor.
+"""The derived ranking on storage, next to its map: computed with the map, cached with its own checksum,
+or derived from the stored map tensor by tensor.
 
 A reload of a stored map must not cost a read of the whole map: the ranking derived for (key, needs) is
 kept as `ranking-<needs hash>.safetensors` + `.json` (its sha256 and the sha256 of the map it came from),
 and a reload checks only that. Without a cached ranking, the map file is checked against its manifest in
-chunks and read one logical tensor at a time (spt_ray.rankings), never whole.
+chunks and read one logical tensor at a time (spt_ray.rankings), never whole. `compute_and_rank` is the
+Ray task the store runs for a missing map: compute, persist, derive, cache, where the map was computed.
 """
 
 from __future__ import annotations
@@ -11,18 +13,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import struct
+import time
 from dataclasses import asdict
 from typing import Any
 
+import ray
+
+from spt_core.experiment import compute_task_sensitivity
 from spt_core.layout import ModelLayout
 from spt_core.sensitivity import Ranking
 
-from .rankings import MapFile, derive_ranking
+from .rankings import MapFile, derive_ranking, map_stream
 from .space import RankingNeeds
 from .storage import Storage
-from .store import (LAYOUT_FILE, MAP_FILE, MapUnavailable, _canonical, _manifest, _verified, entry_dir,
-                    sha256)
+from .store import (LAYOUT_FILE, MAP_FILE, MapUnavailable, SensitivityRequest, _canonical, _manifest, _verified,
+                    entry_dir, persist_map, sha256)
 
 logger = logging.getLogger(__name__)
 
@@ -109,4 +117,21 @@ def rank_from_disk(storage: Storage, key_fields: dict[str, Any], needs: RankingN
         return "unavailable", err.reason, str(err)
     info["sensitivity_s"] = float(manifest["meta"].get("seconds", 0.0))
     save_ranking(storage, key, needs, ranking, info, manifest["sha256"][MAP_FILE])
+    return "ok", ranking, info
+
+
+@ray.remote(max_retries=2)
+def compute_and_rank(storage: Storage, key_fields: dict[str, Any], request: SensitivityRequest, needs: RankingNeeds):
+    """Compute the map (on a GPU when this task was given one), persist it, derive the ranking."""
+    os.environ.setdefault("SPT_NO_PROGRESS", "1")
+    start = time.perf_counter()
+    smap = compute_task_sensitivity(request.task, request.backbone, split=request.split,
+                                    num_batches=request.num_batches, batch_size=request.batch_size,
+                                    seed=request.seed, device="auto", progress=False)
+    seconds = time.perf_counter() - start
+    smap.meta.update(wall_s=seconds, node_id=ray.get_runtime_context().get_node_id(), host=socket.gethostname())
+    manifest = persist_map(storage, key_fields, smap)
+    ranking, info = derive_ranking(map_stream(smap), smap.layout, needs.depths(smap.layout))
+    info["sensitivity_s"] = seconds
+    save_ranking(storage, key_fields["key"], needs, ranking, info, manifest["sha256"][MAP_FILE])
     return "ok", ranking, info

@@ -11,17 +11,14 @@ with the whole backbone unfrozen), and every trial of a task needs the same one.
   a restarted actor reloads it instead of recomputing. A missing manifest, a checksum or a key mismatch
   is logged and the map is recomputed;
 * `ray.put`s, from the actor itself, only what trials need: each tensor's top entries down to the
-  deepest switch threshold of the search space, in global order (spt_ray.rankings: exact for every
-  budget of the space, 3.5% of the fp32 map for ViT-B/16 and the VTAB space), as numpy arrays
-  (`PackedRanking`: int32 ids, bfloat16 bits, the layout) so every trial on a node reads one shared,
-  read-only buffer. Objects are owned by their creator; put by a detached actor they outlive the driver,
-  so a resumed driver or a trial rescheduled on another node still reads them. A sweep run holds the
-  rankings it asked for and releases them at its end; rankings no run holds are dropped.
-* keeps the derived ranking next to the map (`ranking-<needs hash>.safetensors`, with its own sha256 and
-  the map's): a reload reads and checks that small file, not the map. Deriving reads the map one tensor at
-  a time (checked against its manifest in chunks), so the head never holds the whole map; at most
-  `max_reloads` derivations run at once. Only a configuration outside the space the ranking was sized for
-  reads the full map (in the trial); the store counts those reads (`full_map_reads`).
+  deepest switch threshold of the space (spt_ray.rankings: exact at every budget; 3.5% of the fp32 map
+  for ViT-B/16 and the VTAB space) as numpy arrays (`PackedRanking`), which every trial on a node reads
+  zero-copy from one buffer. Put by a detached actor, objects outlive the driver. Sweep runs hold the
+  rankings they asked for and release them at their end; rankings no run holds are dropped;
+* reloads the derived ranking cached next to the map, or derives it from the map read tensor by tensor
+  (spt_ray.ranking_cache), at most `max_reloads` at once; across drivers sharing a storage, one computes a
+  map and the others wait for it (spt_ray.maplock). Only a configuration outside the space the ranking
+  was sized for reads the full map (in the trial); the store counts those reads (`full_map_reads`).
 
 The actor is pinned to the head node (node affinity on the head's node id) and reserves no CPU, so it
 never holds a slot trials could use and dies only with the cluster. Computing a map runs as a Ray task
@@ -49,11 +46,11 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from spt_core.backbones import RANDOM, default_weights
-from spt_core.experiment import BackboneRef, TaskRef, compute_task_sensitivity, sensitivity_key
+from spt_core.experiment import BackboneRef, TaskRef, sensitivity_key
 from spt_core.data.fingerprint import split_fingerprint
 from spt_core.sensitivity import SensitivityMap, check_sensitivity_split
 
-from .rankings import derive_ranking, map_stream
+from .maplock import MapLock, once_across_drivers
 from .space import RankingNeeds
 from .storage import Storage
 
@@ -222,33 +219,16 @@ def load_map(storage: Storage, key_fields: dict[str, Any]) -> SensitivityMap:
     return _map_from_blobs(blobs, key_fields["key"])
 
 
-@ray.remote(max_retries=2)
-def _compute_and_rank(storage: Storage, key_fields: dict[str, Any], request: SensitivityRequest, needs: RankingNeeds):
-    """Compute the map (on a GPU when this task was given one), persist it, derive the ranking."""
-    os.environ.setdefault("SPT_NO_PROGRESS", "1")
-    start = time.perf_counter()
-    smap = compute_task_sensitivity(request.task, request.backbone, split=request.split,
-                                    num_batches=request.num_batches, batch_size=request.batch_size,
-                                    seed=request.seed, device="auto", progress=False)
-    seconds = time.perf_counter() - start
-    smap.meta.update(wall_s=seconds, node_id=ray.get_runtime_context().get_node_id(), host=socket.gethostname())
-    from .ranking_cache import save_ranking  # it builds on this module's persistence
-
-    manifest = persist_map(storage, key_fields, smap)
-    ranking, info = derive_ranking(map_stream(smap), smap.layout, needs.depths(smap.layout))
-    info["sensitivity_s"] = seconds
-    save_ranking(storage, key_fields["key"], needs, ranking, info, manifest["sha256"][MAP_FILE])
-    return "ok", ranking, info
-
-
 # ---- the actor ----------------------------------------------------------------------------------
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class SensitivityStore:
     """See the module docstring. Async: many trials wait on one computation without blocking others."""
 
-    def __init__(self, storage: str, num_gpus: float = 0.0, num_cpus: float = 1.0, max_reloads: int = 2):
+    def __init__(self, storage: str, num_gpus: float = 0.0, num_cpus: float = 1.0, max_reloads: int = 2,
+                 lock_stale_s: float = 120.0):
         self.storage = Storage.of(storage)
         self.num_gpus, self.num_cpus = float(num_gpus), float(num_cpus)
+        self.lock_stale_s = float(lock_stale_s)  # a compute lock not refreshed for this long was abandoned
         self.counters: Counter[str] = Counter(computed=0, loaded_from_disk=0, served=0, invalid_on_disk=0,
                                               full_map_reads=0, evicted=0, peak_reloads=0)
         self.handles: dict[tuple[str, RankingNeeds], RankingHandle] = {}
@@ -310,18 +290,35 @@ class SensitivityStore:
             self.key_cache[slot] = await asyncio.to_thread(request.key_fields, data)
         return self.key_cache[slot]
 
-    async def _materialize(self, key_fields: dict[str, Any], request: SensitivityRequest,
-                           needs: RankingNeeds) -> RankingHandle:
-        from .ranking_cache import rank_from_disk
+    async def _reload(self, key_fields: dict[str, Any], needs: RankingNeeds) -> tuple[Any, ...]:
+        """rank_from_disk on a thread, at most `max_reloads` at once."""
+        from .ranking_cache import rank_from_disk  # it builds on this module's persistence
 
-        key = key_fields["key"]
         async with self.reloads:
             self.reloading += 1
             self.counters["peak_reloads"] = max(self.counters["peak_reloads"], self.reloading)
             try:
-                status, *rest = await asyncio.to_thread(rank_from_disk, self.storage, key_fields, needs)
+                return await asyncio.to_thread(rank_from_disk, self.storage, key_fields, needs)
             finally:
                 self.reloading -= 1
+
+    async def _compute(self, key_fields: dict[str, Any], request: SensitivityRequest,
+                       needs: RankingNeeds) -> tuple[Any, ...]:
+        from .ranking_cache import compute_and_rank
+
+        key = key_fields["key"]
+        ref = compute_and_rank.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
+            self.storage, key_fields, request, needs)
+        self.inflight[key] = ref
+        try:
+            return await ref
+        finally:
+            self.inflight.pop(key, None)
+
+    async def _materialize(self, key_fields: dict[str, Any], request: SensitivityRequest,
+                           needs: RankingNeeds) -> RankingHandle:
+        key = key_fields["key"]
+        status, *rest = await self._reload(key_fields, needs)
         if status == "ok":
             self.counters["loaded_from_disk"] += 1
             source = "disk"
@@ -330,15 +327,18 @@ class SensitivityStore:
             if reason != "missing":
                 self.counters["invalid_on_disk"] += 1
             self._event("invalid" if reason != "missing" else "missing", key, reason=reason, message=message)
-            ref = _compute_and_rank.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
-                self.storage, key_fields, request, needs)
-            self.inflight[key] = ref
-            try:
-                status, *rest = await ref
-            finally:
-                self.inflight.pop(key, None)
-            self.counters["computed"] += 1
-            source = "computed"
+
+            async def reloaded() -> tuple[Any, ...] | None:  # the map another driver computed meanwhile
+                out = await self._reload(key_fields, needs)
+                return out if out[0] == "ok" else None
+
+            lock = MapLock(self.storage, entry_dir(self.storage, key), self.lock_stale_s)
+            how, (status, *rest) = await once_across_drivers(
+                lock, lambda: self._compute(key_fields, request, needs), reloaded)
+            source = "computed" if how == "computed" else "disk"
+            self.counters["computed" if how == "computed" else "loaded_from_disk"] += 1
+            if how == "waited":
+                self._event("waited", key, message="another driver computed this map")
         ranking, info = rest
         ref = ray.put(ranking.pack())  # numpy: zero-copy reads; owned by this detached actor: outlives drivers
         self._event(source, key, k=info["k"], nbytes=info["nbytes"])
@@ -374,7 +374,7 @@ def head_node_id() -> str | None:
 
 
 def get_store(storage: str | os.PathLike, *, num_gpus: float = 0.0, num_cpus: float = 1.0,
-              name: str = STORE_NAME, max_reloads: int = 2) -> ray.actor.ActorHandle:
+              name: str = STORE_NAME, max_reloads: int = 2, lock_stale_s: float = 120.0) -> ray.actor.ActorHandle:
     """The store actor of this cluster for `storage`, created (detached, on the head node) if needed.
 
     One store per storage root: the actor name carries a hash of the root, so two sweeps writing to
@@ -386,7 +386,7 @@ def get_store(storage: str | os.PathLike, *, num_gpus: float = 0.0, num_cpus: fl
     options: dict[str, Any] = dict(name=actor_name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
     if head is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=head, soft=False)
-    return SensitivityStore.options(**options).remote(root, num_gpus, num_cpus, max_reloads)
+    return SensitivityStore.options(**options).remote(root, num_gpus, num_cpus, max_reloads, lock_stale_s)
 
 
 def fetch_rankings(store: ray.actor.ActorHandle, requests: dict[str, SensitivityRequest],

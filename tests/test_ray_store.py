@@ -246,3 +246,18 @@ def test_reads_share_one_buffer_and_runs_release_their_rankings(ray_cluster, ray
     fetch_rankings(store, both, {t: NEEDS for t in both})
     stats = _stats(store)
     assert stats["peak_reloads"] == 1 and stats["loaded_from_disk"] == 3 and stats["computed"] == 2
+
+
+@pytest.mark.slow
+def test_two_stores_sharing_a_storage_compute_a_map_once(ray_cluster, ray_mini_root, ray_backbone, tmp_path):
+    """Two drivers (two clusters) on one storage each run a store; two named stores of this cluster stand for
+    them: asked for the same missing map at the same moment, one computes it and the other loads it."""
+    reqs = _requests(ray_mini_root, ray_backbone, tasks=("shapes",))
+    stores = [get_store(str(tmp_path), name=f"driver-{i}") for i in range(2)]
+    handles = ray.get([store.get_ranking.remote(reqs["shapes"], NEEDS) for store in stores])
+    stats = [_stats(store) for store in stores]
+    assert sorted(h[0].source for h in handles) == ["computed", "disk"] and handles[0][0].key == handles[1][0].key
+    assert [sum(s[c] for s in stats) for c in ("computed", "loaded_from_disk")] == [1, 1]
+    assert not list(tmp_path.rglob("compute.lock"))  # released
+    for store in stores:
+        ray.kill(store)

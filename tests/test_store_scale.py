@@ -1,13 +1,17 @@
 """The ranking the sensitivity store derives and keeps, without Ray: exact against brute force, exact for
 allocation at every budget of a space (so no trial of the space reads the full map), sized for every
-shipped recipe at ViT-B/16 scale, read from storage tensor by tensor, and cached with its own checksum."""
+shipped recipe at ViT-B/16 scale, read from storage tensor by tensor, and cached with its own checksum;
+and the lock file that lets one of several drivers sharing a storage compute a map."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import timm
@@ -19,6 +23,7 @@ from spt_core.embedded import build_embedded_vit
 from spt_core.experiment import TaskRef, compute_task_sensitivity
 from spt_core.layout import ModelLayout
 from spt_core.sensitivity import Ranking, SensitivityMap
+from spt_ray.maplock import LOCK_FILE, MapLock, once_across_drivers
 from spt_ray.ranking_cache import rank_from_disk
 from spt_ray.rankings import covers, derive_ranking, map_stream
 from spt_ray.space import STRUCTURED_OF, RankingNeeds, SearchSpace
@@ -187,3 +192,52 @@ def test_derivation_from_storage_never_holds_the_map(tmp_path):
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["extra"] < 0.5 * result["full_map_bytes"], result
+
+
+# ---- one computation per map across drivers sharing a storage ---------------------------------------------
+@pytest.mark.parametrize("uri", [False, True])
+def test_the_lock_file_admits_one_holder_and_is_taken_over_when_stale(tmp_path, uri):
+    storage = Storage.of(f"file://{tmp_path}" if uri else tmp_path)
+    first, second = (MapLock(storage, storage.path("sensitivity", "k"), stale_s=30) for _ in range(2))
+    assert first.acquire() and not second.acquire() and second.held_by_other()
+    first.refresh()
+    assert not second.acquire()
+    second.release()  # not its lock: nothing happens
+    assert not second.acquire()
+    first.release()
+    assert second.acquire()  # released: the next one takes it
+    lock = tmp_path / "sensitivity" / "k" / LOCK_FILE
+    os.utime(lock, (time.time() - 60, time.time() - 60))  # its holder died a minute ago
+    assert not second.held_by_other() and first.acquire() and not second.acquire()
+
+
+def test_two_drivers_computing_one_map_compute_it_once(tmp_path):
+    """Two stores (two drivers) start on one missing map at the same moment: one computes, the other waits
+    for it and loads it; a lock whose holder died is taken over."""
+    storage = Storage.of(tmp_path)
+    directory = storage.path("sensitivity", "k")
+    done = tmp_path / "map-written"
+    computed = []
+
+    async def compute():
+        computed.append(1)
+        await asyncio.sleep(0.5)
+        done.write_text("map")
+        return "map"
+
+    async def reload():
+        return done.read_text() if done.exists() else None
+
+    async def two_drivers():
+        locks = [MapLock(storage, directory, stale_s=5) for _ in range(2)]
+        return await asyncio.gather(*(once_across_drivers(lock, compute, reload, poll_s=0.05) for lock in locks))
+
+    assert sorted(asyncio.run(two_drivers())) == [("computed", "map"), ("waited", "map")] and computed == [1]
+    assert not (tmp_path / "sensitivity" / "k" / LOCK_FILE).exists()  # released
+    done.unlink()
+    dead = MapLock(storage, directory, stale_s=0.3)
+    assert dead.acquire()  # a driver that took the lock and was killed: never refreshed, never released
+    started = time.perf_counter()
+    assert asyncio.run(once_across_drivers(MapLock(storage, directory, stale_s=0.3), compute, reload,
+                                           poll_s=0.05)) == ("computed", "map")
+    assert computed == [1, 1] and time.perf_counter() - started >= 0.25
