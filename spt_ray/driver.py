@@ -34,7 +34,7 @@ from ray.tune import CheckpointConfig, ExperimentAnalysis, FailureConfig, RunCon
 
 from spt_core.experiment import TaskRef
 
-from .faults import SweepInterrupted, tune_interrupt_messages, unwrap_ray_error
+from .faults import SweepInterrupted, sigint_held, tune_interrupt_messages, unwrap_ray_error
 from .preflight import check_resources, check_sweep
 from .results import ResultsCallback, ResultsWriter, RowContext, read_results, rows_from_trial_log
 from .resume import align_final, purge_rows, restorable_trials
@@ -80,11 +80,13 @@ def ray_session(address: str | None) -> Iterator[bool]:
         yield False
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
     try:
+        with sigint_held():  # a Ctrl-C halfway through ray.init would crash the interpreter at exit
+            ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
         yield True
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @contextmanager

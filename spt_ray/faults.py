@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -65,6 +67,26 @@ def tune_interrupt_messages() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
+@contextmanager
+def sigint_held() -> Iterator[None]:
+    """Hold Ctrl-C for the duration and raise it (KeyboardInterrupt) once the block has finished.
+
+    For `ray.init`: interrupted halfway, it leaves a half-started Ray whose teardown at interpreter exit
+    crashes (SIGSEGV) instead of ending with the one line and exit 130.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and previous is not signal.SIG_IGN:
+        raise KeyboardInterrupt
+
+
 def unwrap_ray_error(err: BaseException) -> BaseException:
     """The exception a Ray task or actor raised (through nested RayTaskErrors); others unchanged.
 
@@ -81,7 +103,7 @@ def unwrap_ray_error(err: BaseException) -> BaseException:
         err = err.cause
     if isinstance(err, RayError):
         text = str(err).strip().splitlines()
-        return RuntimeError(f"Ray: {text[0] if text else type(err).__name__}; check the cluster "
+        return RuntimeError(f"Ray: {text[0].rstrip('.') if text else type(err).__name__}; check the cluster "
                             f"(`ray status`), then {RESUME_HINT}")
     return err
 

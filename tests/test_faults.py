@@ -275,6 +275,34 @@ def test_failed_checks_leave_no_sweep_and_an_existing_one_names_resume(ray_mini_
     assert code == 2 and "rerun with --resume" in err and "resume=True" in err, err
 
 
+def test_nested_ray_errors_unwrap_to_the_projects_line():
+    """A DataError raised in a task the store actor awaited arrives as RayTaskError(RayTaskError(DataError))."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from spt_core.data.common import DataError
+    from spt_ray.faults import unwrap_ray_error, user_message
+
+    cause = DataError("/d/shapes/images/0.png: cannot decode image; fix: replace the file")
+    inner = RayTaskError("_compute_and_rank", "Traceback ...", cause, proctitle="w", pid=1, ip="1.2.3.4")
+    outer = RayTaskError("SensitivityStore.get_ranking", "Traceback ...", inner.as_instanceof_cause(),
+                         proctitle="w", pid=2, ip="1.2.3.4").as_instanceof_cause()
+    assert unwrap_ray_error(outer) is cause and user_message(outer) == str(cause)
+    died = user_message(ActorDiedError())
+    assert died.startswith("Ray: The actor died unexpectedly") and "--resume" in died and "\n" not in died
+    assert user_message(ZeroDivisionError()) is None  # a bug keeps its traceback
+
+
+def test_ctrl_c_held_through_a_block_arrives_after_it():
+    from spt_ray.faults import sigint_held
+
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here: it must not raise inside the block
+            finished = True
+    assert finished and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_overhead_counts_only_the_epochs_this_invocation_ran():
     """Two slots for 10 s; a resumed trial reports totals of 100 s of earlier training, which must not count."""
     epochs = [  # trial a: restart 1 (2 epochs here), trial b: fresh (1 epoch); wall_s is cumulative per segment
