@@ -68,8 +68,8 @@ def selection_of(storage: Storage, sweep: str, table: pa.Table) -> dict[str, dic
     so far (said on stderr)."""
     selection = read_selection(storage, sweep)
     if selection is None:
-        print(f"note: sweep {sweep!r} has not finished its search phase; showing the selection so far",
-              file=sys.stderr)
+        print(f"note: sweep {sweep!r} has no saved selection (its search phase has not finished, or it ran "
+              "before selections were saved); showing the same selection over its trials so far", file=sys.stderr)
         selection = select_best(table)
     return selection
 

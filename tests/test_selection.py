@@ -137,7 +137,7 @@ def test_one_sweep_needs_no_flag_and_an_unknown_one_is_named(tmp_path, capsys):
     storage = Storage.of(tmp_path)
     _write(storage, "only", SEARCH_A, [])
     code, out, err = _cli(capsys, "results", "best", "--storage", tmp_path, "--format", "json")
-    assert code == 0 and "not finished its search phase" in err  # no persisted selection yet: said so
+    assert code == 0 and "no saved selection" in err  # no persisted selection yet: said so
     assert {r["task"]: r["trial_id"] for r in json.loads(out)} == {"shapes": "s2", "count": "c1"}
     code, _, err = _cli(capsys, "results", "pareto", "--storage", tmp_path, "--sweep", "nope")
     assert code == 2 and "'nope'" in err and "only" in err
