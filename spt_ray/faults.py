@@ -3,8 +3,8 @@
 * Ctrl-C. Tune catches the first SIGINT inside `Tuner.fit`, stops the experiment after saving its state
   and returns as if it had finished: its trials in memory read TERMINATED, but the experiment state it
   saved says RUNNING or PENDING. The driver reads that state back after every `fit` and raises
-  `SweepInterrupted`, so a sweep never goes on to select from, or
-  retrain, a search that did not finish. Tune's own advice (`Tuner.restore(...)`, a Python API a CLI
+  `SweepInterrupted`, so a sweep never goes on to select from, or retrain, a search that did not
+  finish. Tune's own advice (`Tuner.restore(...)`, a Python API a CLI
   user cannot act on) is filtered out of its log (`tune_interrupt_messages`); the CLI prints one line
   naming `--resume` and exits 130.
 * Errors raised inside Ray tasks and actors arrive wrapped in `RayTaskError`, whose text starts with
@@ -24,8 +24,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
-
 RESUME_HINT = "rerun the same command with --resume to continue it"
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 USER_ERRORS = (ValueError, KeyError, OSError, ImportError, RuntimeError)  # bad input, one line; others: a bug
@@ -40,7 +38,7 @@ class SweepInterrupted(KeyboardInterrupt):
 
     def __init__(self, sweep: str, stage: str):
         self.sweep, self.stage = sweep, stage
-        super().__init__(f"sweep {sweep!r} interrupted during {stage}; progress is saved: {RESUME_HINT}")
+        super().__init__(f"sweep {sweep!r} interrupted during {stage}; {RESUME_HINT}")
 
 
 class _TuneInterruptFilter(logging.Filter):
