@@ -15,6 +15,12 @@ maps from disk or memory, never recomputing a stored map); finished trials are k
 continue from their last checkpoint. After each experiment every trial's log is reconciled into
 Parquet (rows already stored are skipped), so a driver killed between a report and its write loses
 nothing. Node loss: `FailureConfig(max_failures)` reschedules a trial elsewhere, from its checkpoint.
+
+Faults: nothing is written before every check passes (spt_ray/preflight.py), so a sweep that failed one
+reruns with the same command. Ctrl-C anywhere ends the sweep with SweepInterrupted (exit 130, one line
+naming `--resume`), never with a phase treated as finished; the final phase is rebuilt unless its
+record says it was built from this completed search (spt_ray/resume.py). Errors from inside Ray tasks
+and actors are re-raised as the exception they wrap (spt_ray/faults.py).
 """
 
 from __future__ import annotations
@@ -341,6 +347,5 @@ def _sweep(spec: SweepSpec, stage: list[str]) -> SweepResult:
 def _sensitivity_summary(h: RankingHandle) -> dict[str, Any]:
     return {"key": h.key, "source": h.source, "k": h.k, "num_entries": h.num_entries, "ranking_bytes": h.nbytes,
             "full_map_bytes": h.full_map_bytes, "ranking_share": h.nbytes / h.full_map_bytes,
-            "sensitivity_s": h.sensitivity_s, "object": h.ref.hex(), "deep_corners": h.info.get("deep_corners", 0),
-            "derive_s": h.info.get("derive_s")}
+            "sensitivity_s": h.sensitivity_s, "object": h.ref.hex(), "derive_s": h.info.get("derive_s")}
 
