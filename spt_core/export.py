@@ -4,12 +4,18 @@ A delta directory holds `delta.safetensors`, `plan.json` and `meta.json` (proven
 metrics). It is written to a temporary directory and renamed into place, so it is complete or absent.
 `meta.json` records the sha256 of `delta.safetensors` (`delta_sha256`, what `sha256sum` prints): a file
 changed after export (a flipped value loads without any error and silently changes accuracy) is refused.
+
+`merged_state` / `save_merged` fold a plan into plain weights instead: sparse, vector (bias / LayerNorm)
+and LoRA deltas are additions to frozen tensors, so the result is an ordinary timm state dict (task head
+included) that `timm.create_model(..., pretrained_cfg_overlay=dict(file=..., num_classes=N))` loads with
+no spt code at all. Adapters are extra layers with a nonlinearity: they cannot fold, such plans stay deltas.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,10 +30,12 @@ from torch import nn
 from .modules.adapter import Adapter
 from .modules.lora import LoRA
 from .modules.quant import dequantize, pack_codes, quantize_codes, unpack_codes
+from .modules.tuned import TunedLayerNorm, TunedLinear
 from .plan import TuningPlan
 from .surgery import PLAN_ATTR, apply_plan
 
 DELTA_FILE, PLAN_FILE, META_FILE = "delta.safetensors", "plan.json", "meta.json"
+MERGED_FILE = "merged.safetensors"  # written next to the delta by `spt-ray export --merged`
 CHECKSUM_KEY = "delta_sha256"  # in meta.json: sha256 of the delta file's bytes
 _PACKED = (".codes", ".mean", ".std")
 
@@ -133,3 +141,47 @@ def load_delta(model: nn.Module, delta_dir: str | Path) -> nn.Module:
         if isinstance(module, (LoRA, Adapter)) and module.bits is not None:
             module.bits = None  # the weights now hold their quantized values exactly
     return model
+
+
+def check_mergeable(plan: TuningPlan) -> None:
+    """Refuse (DeltaError, one line) a plan whose deltas cannot fold into plain weights: one with Adapters."""
+    adapters = sorted(name for name, tp in plan.tensors.items() if tp.kind == "adapter")
+    if adapters:
+        raise DeltaError(f"the plan has Adapter branches ({adapters[0]}, {len(adapters)} in all): adapters are "
+                         "layers with a nonlinearity and cannot fold into the backbone's weights; keep the delta "
+                         "(`spt-ray export` without --merged) and load it with `spt-ray evaluate` or "
+                         "spt_core.load_delta")
+
+
+def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain state dict of `model` (which went through apply_plan) with its deltas folded in.
+
+    The model itself is left untouched. Quantized LoRA branches fold the weights their
+    forward uses (spt_core.quantize_weight of the stored values). A plan with Adapters raises DeltaError.
+    """
+    plan: TuningPlan | None = getattr(model, PLAN_ATTR, None)
+    if plan is None:
+        raise DeltaError("the model has no applied plan; call apply_plan (or load_delta) before merging")
+    check_mergeable(plan)
+    tuned = {name: m for name, m in model.named_modules() if isinstance(m, (TunedLinear, TunedLayerNorm))}
+    state = {name: t for name, t in model.state_dict().items()
+             if not any(name.startswith(f"{prefix}.") for prefix in tuned)}
+    with torch.no_grad():  # the same fold as merge_plan, module by module, without touching `model`
+        for prefix, module in tuned.items():
+            state.update({f"{prefix}.{name}": t for name, t in module.merged().state_dict().items()})
+    return {name: t.detach().float().cpu().contiguous() for name, t in state.items()}
+
+
+def save_merged(model: nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write merged_state(model) as one safetensors file (complete or absent: temporary name, then rename)."""
+    path = Path(path)
+    data = save_safetensors(merged_state(model), metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -174,11 +174,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from spt_ray.artifacts import export_trial
+    from spt_ray.artifacts import export_trial, merged_usage
 
-    out = export_trial(args.storage, args.trial_id, args.out, sweep=args.sweep)
-    size = sum(p.stat().st_size for p in Path(out).iterdir())
+    out = export_trial(args.storage, args.trial_id, args.out, sweep=args.sweep, merged=args.merged)
+    size = sum(p.stat().st_size for p in Path(out).iterdir() if not p.name.startswith("merged"))
     print(f"exported trial {args.trial_id} to {out} ({size / 1024:.1f} KiB)")
+    if args.merged:
+        print(f"merged timm weights: {merged_usage(out)}")
     return 0
 
 
@@ -254,13 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_results_args(results, command)
 
     p = command("export", cmd_export, "write one trial's task delta (safetensors + plan JSON)")
-    p.add_argument("--storage", required=True, help="the sweep's storage folder")
+    p.add_argument("--storage", required=True, help="the sweep's storage folder or URI (s3://..., gs://...)")
     p.add_argument("--sweep", help="sweep name (default: the only one, or the newest)")
     p.add_argument("--trial-id", required=True)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--merged", action="store_true", help="also write merged.safetensors: a plain timm state dict "
+                   "with the delta folded in and the task head (sparse, bias/LayerNorm and LoRA deltas; a plan "
+                   "with Adapters is refused)")
 
     p = command("evaluate", cmd_evaluate, "load an exported delta onto its backbone and evaluate it")
-    p.add_argument("--delta", required=True, help="folder written by `spt-ray export`")
+    p.add_argument("--delta", required=True, help="folder (or storage URI) written by `spt-ray export`")
     p.add_argument("--data-root", help="folder holding <task>/ (default: the one recorded in the delta)")
     p.add_argument("--weights", help="backbone weights (default: the one recorded in the delta)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the trial's evaluation split)")

@@ -62,8 +62,10 @@ class Storage:
         return "/".join([self.base, *[p.strip("/") for p in parts if p]])
 
     def uri(self, *parts: str) -> str:
-        """The location as users and Tune name it: a plain path locally, a URI otherwise."""
-        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+        """The location as users and Tune name it: a plain path locally, a URI otherwise (a URI's query,
+        e.g. `?endpoint_override=...`, stays at its end)."""
+        root, sep, query = self.root.partition("?") if not self.local else (self.root, "", "")
+        return "/".join([root.rstrip("/"), *[p.strip("/") for p in parts if p]]) + sep + query
 
     # ---- files ---------------------------------------------------------------------------------
     def exists(self, path: str) -> bool:

@@ -1,0 +1,123 @@
+"""`spt-ray results / plot / export / evaluate` on an object store: an S3-compatible server (moto's server
+mode) on 127.0.0.1, a real sweep's storage copied into its bucket, and every read compared with the same
+command on the local copy (which test_cli checks against the driver)."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from spt_ray.cli import main
+
+pytestmark = pytest.mark.slow
+moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """host:port of a moto S3 server on loopback, with dummy credentials in this process's environment."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"{host}:{port}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def local_sweep(ray_cluster, ray_mini_root, ray_backbone, tmp_path_factory) -> Path:
+    """One tiny real sweep: 2 SPT trials, one final seed of the selected config and of a linear probe."""
+    storage = tmp_path_factory.mktemp("remote-src")
+    weights = ["--weights", ray_backbone.weights] if ray_backbone.weights else []
+    assert main(["tune", "--suite", "mini", "--tasks", "count", "--data-root", ray_mini_root, "--storage",
+                 str(storage), "--name", "s3", "--num-samples", "2", "--epochs", "1", "--final-seeds", "42",
+                 "--baselines", "linear", "--max-concurrent", "2", *weights]) == 0
+    return storage
+
+
+def _s3(endpoint: str):
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint, local_sweep) -> str:
+    """The sweep's storage tree copied into s3://spt/sweeps/a; its URI as a user passes it to --storage."""
+    import pyarrow.fs as pafs
+
+    fs = _s3(s3_endpoint)
+    fs.create_dir("spt")
+    pafs.copy_files(str(local_sweep), "spt/sweeps/a", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    return f"s3://spt/sweeps/a?endpoint_override={s3_endpoint}&scheme=http"
+
+
+@pytest.mark.parametrize("report", [["best"], ["pareto"], ["final"],
+                                    ["query", "SELECT task, phase, trial_id, val_acc FROM results ORDER BY ALL"]])
+def test_reports_on_the_bucket_equal_the_local_ones(bucket, local_sweep, capsys, report):
+    code, remote, err = run_cli(capsys, "results", report[0], "--storage", bucket, "--format", "json", *report[1:])
+    assert code == 0, err
+    _, local, _ = run_cli(capsys, "results", report[0], "--storage", local_sweep, "--format", "json", *report[1:])
+    assert json.loads(remote) == json.loads(local) and json.loads(remote)
+
+
+def test_plot_from_the_bucket(bucket, capsys, tmp_path):
+    code, out, err = run_cli(capsys, "results", "plot", "--storage", bucket, "--out", tmp_path)
+    assert code == 0, err
+    pngs = {p.name: p.stat().st_size for p in tmp_path.glob("*.png")}
+    assert {"pareto.png", "methods.png", "sensitivity_count.png"} <= set(pngs)
+    assert all(size > 5000 for size in pngs.values())
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_export_and_evaluate_through_the_bucket(bucket, local_sweep, s3_endpoint, capsys, tmp_path):
+    import pyarrow.fs as pafs
+
+    code, out, _ = run_cli(capsys, "results", "query", "--storage", bucket, "--format", "json",
+                           "SELECT trial_id, test_acc FROM results WHERE row_kind = 'final' AND label = 'best'")
+    final = json.loads(out)[0]
+    code, out, err = run_cli(capsys, "export", "--storage", bucket, "--trial-id", final["trial_id"], "--out",
+                             tmp_path / "remote", "--merged")
+    assert code == 0 and "timm.create_model(" in out, err
+    assert run_cli(capsys, "export", "--storage", local_sweep, "--trial-id", final["trial_id"], "--out",
+                   tmp_path / "local")[0] == 0
+    assert _sha(tmp_path / "remote" / "delta.safetensors") == _sha(tmp_path / "local" / "delta.safetensors")
+    assert (tmp_path / "remote" / "merged.safetensors").stat().st_size > 0
+
+    # the delta itself on the bucket: evaluate reads it from there
+    fs = _s3(s3_endpoint)
+    pafs.copy_files(str(tmp_path / "local"), "spt/deltas/best", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    delta_uri = f"s3://spt/deltas/best?endpoint_override={s3_endpoint}&scheme=http"
+    code, out, err = run_cli(capsys, "evaluate", "--delta", delta_uri)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["split"] == "test" and result["acc"] == result["recorded_acc"] == final["test_acc"]
+
+
+def test_unknown_trial_on_the_bucket_is_one_line(bucket, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "export", "--storage", bucket, "--trial-id", "nope", "--out", tmp_path / "d")
+    assert code == 2 and "no trial 'nope'" in err and len(err.strip().splitlines()) == 1, err
+    empty = bucket.replace("sweeps/a", "sweeps/none")
+    code, _, err = run_cli(capsys, "export", "--storage", empty, "--trial-id", "x", "--out", tmp_path / "d")
+    assert code == 2 and "no Tune experiments" in err, err
