@@ -61,11 +61,9 @@ class Case:
     setup: Callable[[Env], None] | None = None
 
 
-def case(name: str, argv: str, *expect: str, setup: Callable[[Env], None] | None = None,
-         needs: str | None = None) -> Any:
-    """One table row; `needs` names the other change a case depends on (then it is a non-strict xfail)."""
-    marks = [pytest.mark.xfail(strict=False, reason=needs)] if needs else []
-    return pytest.param(Case(tuple(shlex.split(argv)), expect, setup), id=name, marks=marks)
+def case(name: str, argv: str, *expect: str, setup: Callable[[Env], None] | None = None) -> Any:
+    """One table row."""
+    return pytest.param(Case(tuple(shlex.split(argv)), expect, setup), id=name)
 
 
 # ---- setups: each breaks one thing under env.tmp ----------------------------------------------------
@@ -198,7 +196,6 @@ TUNE_CFG = TUNE + " --config {tmp}/sweep.yaml"
 PLAN = "plan --sensitivity {sens} --out {out}/plan.json"
 EVAL = "evaluate --delta {tmp}/delta --data-root {data}"
 QUERY = "results query --storage {results}"
-PREFLIGHT = "validate-before-write in the driver (spt_ray/preflight.py, another change)"
 
 CASES = [
     # data
@@ -215,7 +212,7 @@ CASES = [
          setup=truncate_first_image),
     case("empty split", SENS + " --data-root {tmp}/data", "lists no images", "fix:", setup=edit_list(lambda _: [])),
     case("sweep over a malformed list", TUNE.replace("{data}", "{tmp}/data"), "malformed line", "fix:",
-         setup=edit_list(lambda lines: lines[:3] + ["no label here"] + lines[3:]), needs=PREFLIGHT),
+         setup=edit_list(lambda lines: lines[:3] + ["no label here"] + lines[3:])),
     # weights
     case("weights missing", "backbone info --weights {tmp}/none.pth", "does not exist", "give a .npz"),
     case("garbage .pth", "backbone info --weights {tmp}/w.pth", "cannot read checkpoint", "fix:",
@@ -236,7 +233,7 @@ CASES = [
          "embedding/kernel has shape (48, 96), expected (patch, patch, 3, width)", "fix:", setup=kernel_2d),
     case("unknown backbone", "backbone info --backbone nope_vit", "nope_vit", "fix:"),
     case("sweep on garbage weights", TUNE + " --weights {tmp}/w.pth", "cannot read checkpoint", "fix:",
-         setup=write_file("w.pth", os.urandom(2048)), needs=PREFLIGHT),
+         setup=write_file("w.pth", os.urandom(2048))),
     # configs
     case("config missing", TUNE + " --config {tmp}/none.yaml", "does not exist", "pass the path"),
     case("YAML syntax error", TUNE_CFG, "invalid YAML at line 2, column", "check indentation",
@@ -283,7 +280,7 @@ CASES = [
     case("budget above the model", PLAN + " --budget 1e12", "exceeds the", "use full fine-tuning instead"),
     case("alpha inf", PLAN + " --budget 10k --alpha inf", "--alpha: value 'inf' is not a finite number", "give e.g."),
     case("space budget above the model", TUNE_CFG, "exceeds the backbone's", "lower `space.budget`",
-         setup=yaml_config("space:\n  budget: [1000, 1.0e+12]\n  budget_unit: params\n"), needs=PREFLIGHT),
+         setup=yaml_config("space:\n  budget: [1000, 1.0e+12]\n  budget_unit: params\n")),
     # resources
     case("cpus NaN", TUNE + " --cpus-per-trial nan", "resources.cpu must be a finite number, got nan", "plain number"),
     case("cpus inf", TUNE + " --cpus-per-trial inf", "resources.cpu must be a finite number, got inf", "plain number"),
@@ -420,7 +417,6 @@ def test_the_campaign_covers_every_area():
 
 # ---- a defect only a running Ray can see -------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the driver's resource check once Ray is up (" + PREFLIGHT + ")")
 def test_gpu_asked_of_a_cluster_without_one(shared, tmp_path):
     """A fresh local Ray without GPUs and trials that each need one: refused, not waited on forever."""
     if torch.cuda.is_available():
