@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from spt_core.modules.sparse import csr_pattern, sampled_grad, sparse_delta_linear
+from spt_core.modules.sparse import PATH_COUNTS, csr_pattern, sampled_grad, sparse_delta_linear
 
 
 def setup(d_in=24, d_out=16, k=40, tokens=(3, 7), dtype=torch.float32, seed=0):
@@ -46,3 +46,40 @@ def test_frozen_weight_gets_no_gradient_and_sddmm_matches_gather():
     g, xx = torch.randn(200, 48), torch.randn(200, 64)
     torch.testing.assert_close(sampled_grad(g, xx, rows, cols, pattern), sampled_grad(g, xx, rows, cols, None),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("keep_used_cols", [False, True])
+def test_low_precision_autocast_takes_the_sddmm_path_with_fp32_accumulation(dtype, keep_used_cols):
+    """Under bf16 / fp16 autocast the entry gradients come from the SDDMM kernel (not the gather fallback),
+    equal the dense reference's weight gradient at the K positions at low-precision tolerance, and equal the
+    fp64 sum over tokens of the low-precision operands at fp32 tolerance (fp32 accumulation)."""
+    weight, bias, x, delta, rows, cols, _ = setup(d_in=64, d_out=48, k=300, tokens=(4, 50))
+    extra = ()
+    if keep_used_cols:
+        used, local = torch.unique(cols, return_inverse=True)
+        pattern, extra = csr_pattern(rows, local, (48, used.numel())), (used, local)
+    else:
+        pattern = csr_pattern(rows, cols, (48, 64))
+    before = dict(PATH_COUNTS)
+    with torch.autocast("cpu", dtype=dtype):
+        y = sparse_delta_linear(x, weight, bias, delta, rows, cols, pattern, *extra)
+    assert y.dtype == dtype
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y.backward(upstream)
+    assert PATH_COUNTS["sddmm"] == before["sddmm"] + 1 and PATH_COUNTS["gather"] == before["gather"]
+    assert x.grad.dtype == torch.float32 and delta.grad.dtype == torch.float32
+    # dense reference: a trainable W + scatter(delta) in the same autocast, gradient read at the K positions
+    w_dense = weight.clone().index_put((rows, cols), delta.detach(), accumulate=True).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        y_ref = F.linear(x_ref, w_dense, bias)
+    y_ref.backward(upstream)
+    tol = dict(rtol=1.6e-2, atol=5e-2)
+    torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+    torch.testing.assert_close(delta.grad, w_dense.grad[rows, cols], **tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    # brute force: sum over tokens of the operands as the layer saw them (rounded to dtype), in fp64
+    g64, x64 = upstream.double().reshape(-1, 48), x.detach().to(dtype).double().reshape(-1, 64)
+    exact = (g64[:, rows] * x64[:, cols]).sum(0)
+    torch.testing.assert_close(delta.grad.double(), exact, rtol=1e-5, atol=1e-4)

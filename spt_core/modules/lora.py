@@ -28,10 +28,38 @@ class LoRA(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.bits = bits
 
+    def down_weight(self) -> torch.Tensor:
+        """The (rank, d_in) matrix the branch multiplies by (quantized for low-bit branches)."""
+        return maybe_quantize(self.down.weight, self.bits)
+
+    def up_weight(self) -> torch.Tensor:
+        return maybe_quantize(self.up.weight, self.bits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self.dropout(x), maybe_quantize(self.down.weight, self.bits))
-        return self.drop_path(F.linear(h, maybe_quantize(self.up.weight, self.bits)))
+        """The branch on its own; TunedLinear runs all branches of one matrix together (`fused_lora`)."""
+        return self.drop_path(F.linear(F.linear(self.dropout(x), self.down_weight()), self.up_weight()))
 
     def delta_weight(self) -> torch.Tensor:
         """The (d_out, d_in) update this branch adds to the frozen weight (no alpha/r scaling in SPT)."""
-        return maybe_quantize(self.up.weight, self.bits) @ maybe_quantize(self.down.weight, self.bits)
+        return self.up_weight() @ self.down_weight()
+
+
+def fused_lora(y: torch.Tensor, x: torch.Tensor, parts: dict[str, int], branches: dict[str, LoRA]) -> torch.Tensor:
+    """y + every LoRA branch of one matrix (q, k, v slices of a fused qkv, or the whole), in one pass.
+
+    Separate branches would each draw a dropout of x, run their own down and up products, and be concatenated
+    into the output's row slices. Here there is one dropout of x, one down product with the stacked
+    [sum of ranks, d_in] matrix, and the up product with a block-diagonal [d_out, sum of ranks] matrix (zero rows
+    for slices without a branch) fused into the addition (addmm). Drop-path scales whole samples, so it is
+    applied to the small rank-sized activations before the up product instead of to the output. Branches of
+    one matrix share the dropout probability, drop-path rate and draws (a plan sets them once), as PEFT's
+    LoRA on a fused qkv does; with the same weights and draws the result equals the separate branches'.
+    """
+    active = [branches[p] for p in parts if p in branches]
+    first = active[0]
+    down = torch.cat([b.down_weight() for b in active]) if len(active) > 1 else first.down_weight()
+    h = first.drop_path(F.linear(first.dropout(x), down))
+    up = torch.block_diag(*(branches[p].up_weight() if p in branches else first.up.weight.new_zeros(rows, 0)
+                            for p, rows in parts.items())) if len(parts) > 1 else first.up_weight()
+    flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]).to(y.dtype), up.t().to(y.dtype))
+    return flat.view(y.shape)

@@ -7,6 +7,12 @@ matmul (SDDMM) on the fixed CSR pattern: no dense weight gradient, no K x K matr
 Only the input columns the entries touch are needed for grad_delta; given them (`used_cols`), the function keeps
 just x[..., used_cols] for the backward instead of the whole input (sensitive entries concentrate in a few
 input channels, so this is typically a few percent of it).
+
+Under bf16 / fp16 autocast the layer runs in the autocast dtype like a plain Linear (merged weight built in that
+dtype, the input cast once and saved in it), and the K dot products still go through the SDDMM kernel: the
+low-precision operands are widened to fp32 in the same pass that lays them out for the kernel, so the entry
+gradients accumulate in fp32. The per-entry gather is only a fallback (no pattern, or a device without the
+kernel); `PATH_COUNTS` records which one ran.
 """
 
 from __future__ import annotations
@@ -17,10 +23,29 @@ import torch
 from torch.nn import functional as F
 
 _GATHER_CHUNK = 1 << 22  # max tokens * entries per chunk in the gather fallback
+SDDMM_DEVICES = ("cpu", "cuda")  # where torch.sparse.sampled_addmm has a kernel
+# Which kernel `sampled_grad` ran, by name: the bench and the tests read it to check the fast path is taken.
+PATH_COUNTS: dict[str, int] = {"sddmm": 0, "gather": 0}
 
 
-def merged_weight(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return weight.detach().index_put((rows, cols), delta.detach().to(weight.dtype), accumulate=True)
+def merged_weight(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W + scatter(delta) as a new tensor in `dtype` (default: the weight's). The K sums are formed in the
+    weight's precision and rounded once, so a bf16 result equals bf16(W + scatter(delta)) of a dense weight.
+    Positions are unique (TunedLinear.set_sparse's contract)."""
+    w = weight.detach()
+    merged = w.to(dtype or w.dtype, copy=True)
+    sums = w[rows, cols] + delta.detach().to(w.dtype)
+    return merged.index_put_((rows, cols), sums.to(merged.dtype))
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a plain F.linear would multiply in here: the autocast dtype where autocast is on (and casts
+    this input), else the input's."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 def csr_pattern(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -35,10 +60,20 @@ def csr_pattern(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) 
 
 def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                  pattern: torch.Tensor | None) -> torch.Tensor:
-    """sum over tokens of grad_out[:, rows[j]] * x[:, cols[j]] for every j (2-D inputs: tokens x features)."""
-    if pattern is not None and grad_out.dtype in (torch.float32, torch.float64):
-        pattern = pattern.to(device=grad_out.device, dtype=grad_out.dtype)
-        return torch.sparse.sampled_addmm(pattern, grad_out.t(), x, beta=0.0).values()
+    """sum over tokens of grad_out[:, rows[j]] * x[:, cols[j]] for every j (2-D inputs: tokens x features).
+
+    The SDDMM kernel reads rows of grad_out^T and of x^T; both are laid out that way (contiguous) in one copy
+    that also widens bf16 / fp16 to fp32 (the kernel has no low-precision version, and fp32 accumulation is
+    what the dense bf16 GEMM does too). fp64 stays fp64. The result is in the accumulation dtype.
+    """
+    if pattern is not None and grad_out.device.type in SDDMM_DEVICES:
+        acc = torch.float64 if torch.float64 in (grad_out.dtype, x.dtype) else torch.float32
+        g_t = grad_out.t().to(acc, memory_format=torch.contiguous_format)
+        x_t = x.t().to(acc, memory_format=torch.contiguous_format)
+        pattern = pattern.to(device=grad_out.device, dtype=acc)
+        PATH_COUNTS["sddmm"] += 1
+        return torch.sparse.sampled_addmm(pattern, g_t, x_t.t(), beta=0.0).values()
+    PATH_COUNTS["gather"] += 1
     g, x = grad_out.float(), x.float()
     step = max(1, _GATHER_CHUNK // max(1, g.shape[0]))
     parts = [(g[:, rows[i:i + step]] * x[:, cols[i:i + step]]).sum(0) for i in range(0, rows.numel(), step)]
@@ -55,16 +90,18 @@ class SparseDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, rows, cols, pattern, used_cols=None, local_cols=None):
-        w = merged_weight(weight, rows, cols, delta)
+        dtype = compute_dtype(x, weight)  # autocast is on inside forward: follow it explicitly, casting once
+        x_c = x.to(dtype)
+        w = merged_weight(weight, rows, cols, delta, dtype)
         if used_cols is not None and not ctx.needs_input_grad[1]:
-            kept, kept_cols = x.index_select(-1, used_cols), local_cols
+            kept, kept_cols = x_c.index_select(-1, used_cols), local_cols
         else:
-            kept, kept_cols = x, cols
+            kept, kept_cols = x_c, cols
             pattern = pattern if used_cols is None else None  # a pattern over used_cols does not fit x
         ctx.save_for_backward(kept, weight, delta, rows, cols, kept_cols)
-        ctx.pattern = pattern
-        ctx.has_bias = bias is not None
-        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.pattern, ctx.x_dtype = pattern, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x_c, w, None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -73,14 +110,14 @@ class SparseDeltaLinear(torch.autograd.Function):
         k2 = kept.reshape(-1, kept.shape[-1])
         grad_x = grad_w = grad_b = grad_delta = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ merged_weight(weight, rows, cols, delta).to(g2.dtype)).reshape(*grad_out.shape[:-1],
-                                                                                          weight.shape[1])
+            w = merged_weight(weight, rows, cols, delta, g2.dtype)
+            grad_x = (g2 @ w).reshape(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (g2.t() @ k2.to(g2.dtype)).to(weight.dtype)  # kept is all of x when the weight trains
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0, dtype=torch.promote_types(ctx.bias_dtype, torch.float32)).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
-            grad_delta = sampled_grad(g2, k2.to(g2.dtype), rows, kept_cols, ctx.pattern).to(delta.dtype)
+            grad_delta = sampled_grad(g2, k2, rows, kept_cols, ctx.pattern).to(delta.dtype)
         return grad_x, grad_w, grad_b, grad_delta, None, None, None, None, None
 
 

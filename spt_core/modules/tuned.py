@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .adapter import Adapter
-from .lora import LoRA
+from .lora import LoRA, fused_lora
 from .sparse import csr_pattern, merged_weight, sparse_delta_linear
 
 WHOLE = "w"  # part name of an unsplit matrix; fused qkv uses "q", "k", "v"
@@ -94,12 +94,12 @@ class TunedLinear(nn.Linear):
                                     self._sparse_pattern(), self.sparse_used_cols, self.sparse_local_cols)
         else:
             y = F.linear(x, self.weight, bias)
-        if not self.lora and not self.adapter:
+        if self.lora:
+            y = fused_lora(y, x, self.parts, dict(self.lora.items()))
+        if not self.adapter:
             return y
         chunks = list(y.split(list(self.parts.values()), dim=-1))
         for i, part in enumerate(self.parts):
-            if part in self.lora:
-                chunks[i] = chunks[i] + self.lora[part](x)
             if part in self.adapter:
                 chunks[i] = self.adapter[part](chunks[i])
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
