@@ -222,6 +222,9 @@ def _run_phase(spec: SweepSpec, storage: Storage, phase: str, context: TrialCont
         status = "error" if r.error else "ok"
         counts[status] = counts.get(status, 0) + 1
     return counts, [r for r in epochs if r.get("timestamp", 0) >= int(since)]
+    for task in spec.tasks:  # the phase ended: one file per task (spt_ray/result_files.py)
+        writer.compact(task, phase)
+    writer.flush()
 
 
 def trial_name(trial: Any) -> str:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 
-from .results import read_results, results_root
+from .result_files import sweep_names
+from .results import read_results
 from .selection import pareto_front, read_selection, select_best, summarize_final
 from .storage import Storage
 
@@ -34,9 +34,7 @@ FINAL_COLUMNS = ("task", "label", "method", "trainable_params", "budget_ratio", 
 # ---- one sweep ------------------------------------------------------------------------------------
 def sweeps_in(storage: Storage) -> list[str]:
     """Names of the sweeps with results under the storage."""
-    infos = storage.fs.get_file_info(pafs.FileSelector(results_root(storage), allow_not_found=True))
-    return sorted(i.base_name.removeprefix("sweep=") for i in infos
-                  if i.type == pafs.FileType.Directory and i.base_name.startswith("sweep="))
+    return sweep_names(storage)
 
 
 def resolve_sweep(storage: Storage, sweep: str | None) -> str:

@@ -1,43 +1,41 @@
-"""Sweep results as Parquet: one fixed, typed schema; hive-partitioned files; streamed while Tune runs.
+"""Sweep results as Parquet: one fixed, typed schema; few files; streamed while Tune runs.
 
-Layout: `<storage>/results/sweep=<name>/task=<task>/part-<time>-<uuid>.parquet`. `sweep` and `task` live
-in the path (hive partitions), every other column in the files, with the types of `FILE_SCHEMA` (no dict
-serialised as a string: every searched parameter, metric, timing and package version is its own column).
+Layout and commits: spt_ray/result_files.py (a manifest names the sweep's files; readers never see a
+half state). Every column of `SCHEMA` is its own typed column (no dict serialised as a string: every
+searched parameter, metric, timing and package version).
 
 Writing. Rows come from a Tune Callback running on Tune's event loop, which only builds a dict and puts
-it on a queue; a background thread batches them and writes one file per (task, flush). A file is
-written under a hidden temporary name and renamed (locally) or uploaded whole (object stores), so a
-reader never sees half a file and can query while the sweep runs.
+it on a queue; a background thread batches them, rows of every task together, and commits one file per
+flush. When a task's phase ends the driver asks for its rows to be compacted into one file
+(`ResultsWriter.compact`), so a sweep ends with about one file per task and phase.
 
 No duplicates. Every row has a deterministic `row_id` (sweep, phase, run, row kind, epoch). The writer
-loads the ids already stored for the sweep when it starts and skips rows it has written before, so
-re-running the reconciliation or resuming a sweep adds only what is missing; and the readers
-(`read_results`, the DuckDB `results` view) also keep one row per `row_id` (the first written), which
-covers the one window the writer cannot see: two drivers writing the same sweep at the same time.
+knows the ids stored for the sweep and skips rows it has written before, so re-running the
+reconciliation or resuming a sweep adds only what is missing. One exception: a run's summary that is
+not an error supersedes its stored error summary (a trial that errored, then completed on `--resume`),
+in the same commit that removes the old row. So the stored rows are unique and queries scan them
+plainly; `read_results` still applies the same rule (`result_files.dedup`) as a safety net. Sweeps in
+the older hive layout (`task=<task>/` folders, possibly duplicated) are read de-duplicated.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import queue
 import threading
 import time
-import uuid
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 from ray.tune import Callback
 
+from .result_files import ResultFiles, legacy_files, local_files, read_legacy, read_sweep_files, sweep_names
+from .result_files import dedup as _dedup
 from .storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -155,7 +153,9 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
 
 # ---- the writer ---------------------------------------------------------------------------------
 class ResultsWriter:
-    """Batches rows on a background thread into Parquet files; skips row ids already stored.
+    """Batches rows of every task on a background thread into one Parquet file per flush; skips row ids
+    already stored; compacts a task's phase on request. Every change of the files happens on that thread
+    (`ResultFiles`), in queue order.
 
     One writer per (storage, sweep) and process (`ResultsWriter.shared`): the Tune callback Tune
     unpickles on `Tuner.restore` and the driver reach the same writer.
@@ -168,7 +168,7 @@ class ResultsWriter:
         self.storage, self.sweep = storage, sweep
         self.flush_s, self.max_rows = flush_s, max_rows
         self.queue: queue.Queue = queue.Queue()
-        self.written_ids: set[str] = set()
+        self.files: ResultFiles | None = None
         self.files_written = self.rows_written = self.rows_skipped = 0
         self.errors: list[str] = []
         self._thread: threading.Thread | None = None
@@ -187,12 +187,34 @@ class ResultsWriter:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
-            self.written_ids |= stored_row_ids(self.storage, self.sweep)
+            if self.files is None:
+                self.files = ResultFiles(self.storage, self.sweep, SCHEMA, _read_legacy)
             self._thread = threading.Thread(target=self._run, name=f"spt-results-{self.sweep}", daemon=True)
             self._thread.start()
 
     def put(self, row: dict[str, Any]) -> None:
         self.queue.put(row)
+
+    def call(self, fn: Any, timeout: float = 120.0) -> Any:
+        """Run `fn(files)` on the writer thread after every row queued so far is written; its result."""
+        box: dict[str, Any] = {}
+        self.queue.put((fn, box))
+        self.flush(timeout)
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def compact(self, task: str, phase: str) -> None:
+        """Ask for the task's rows of `phase` in one file (its phase ended); done in queue order, later."""
+        self.queue.put((lambda files: files.compact(task, phase), {}))
+
+    def remove_rows(self, phase: str, mask_of: Any) -> set[str]:
+        """Remove the stored rows of `phase` that `mask_of(table)` marks; their ids may be written again."""
+        return self.call(lambda files: files.remove(phase, mask_of))
+
+    @property
+    def written_ids(self) -> set[str]:
+        return set(self.files.rows) if self.files is not None else set()
 
     def flush(self, timeout: float = 60.0) -> None:
         """Block until every row queued so far is on storage."""
@@ -227,42 +249,38 @@ class ResultsWriter:
             if isinstance(item, dict):
                 pending.append(item)
             stop = item is None
-            due = stop or isinstance(item, threading.Event) or len(pending) >= self.max_rows \
+            due = stop or isinstance(item, (threading.Event, tuple)) or len(pending) >= self.max_rows \
                 or time.monotonic() - last >= self.flush_s
             if due:
                 if pending:
                     self._write(pending)
                     pending = []
                 last = time.monotonic()
+            if isinstance(item, tuple):  # an operation on the files (compaction, removal)
+                self._operate(*item)
             if isinstance(item, threading.Event):
                 item.set()
             if stop:
+                self._operate(lambda files: files.delete_dropped(), {})
                 return
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        fresh: dict[str, dict[str, Any]] = {}
-        for r in rows:
-            if r["row_id"] in self.written_ids or r["row_id"] in fresh:
-                self.rows_skipped += 1
-            else:
-                fresh[r["row_id"]] = r
-        by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in fresh.values():
-            by_task[r["task"]].append(r)
-        for task, task_rows in by_task.items():
-            try:
-                buf = io.BytesIO()
-                pq.write_table(_table(task_rows), buf, compression="zstd")
-                name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
-                self.storage.write_bytes(self.storage.path("results", f"sweep={self.sweep}", f"task={task}", name),
-                                         buf.getvalue())
-            except Exception as err:  # keep the thread alive; flush() reports it (write_bytes left no temp file)
-                logger.error("writing %d result rows of task %s failed: %s", len(task_rows), task, err)
-                self.errors.append(f"{type(err).__name__}: {err}")
-                continue
-            self.written_ids.update(r["row_id"] for r in task_rows)
-            self.files_written += 1
-            self.rows_written += len(task_rows)
+        try:  # one file for the batch, every task's rows together
+            written, skipped = self.files.append(rows)
+        except Exception as err:  # keep the thread alive; flush() reports it (nothing half-written is listed)
+            logger.error("writing %d result rows of sweep %s failed: %s", len(rows), self.sweep, err)
+            self.errors.append(f"{type(err).__name__}: {err}")
+            return
+        self.files_written += bool(written)
+        self.rows_written += written
+        self.rows_skipped += skipped
+
+    def _operate(self, fn: Any, box: dict[str, Any]) -> None:
+        try:
+            box["value"] = fn(self.files)
+        except Exception as err:
+            logger.error("results of sweep %s: %s failed: %s", self.sweep, getattr(fn, "__name__", "operation"), err)
+            box["error"] = err
 
 
 # ---- the Tune callback --------------------------------------------------------------------------
@@ -325,57 +343,55 @@ def rows_from_trial_log(ctx: RowContext, trial_id: str, results: Iterable[dict[s
 
 
 # ---- reading ------------------------------------------------------------------------------------
-def stored_row_ids(storage: Storage, sweep: str) -> set[str]:
-    root = storage.path("results", f"sweep={sweep}")
-    files = storage.list_files(root, ".parquet")
-    if not files:
-        return set()
-    ids = pads.dataset(files, filesystem=storage.fs, format="parquet", schema=FILE_SCHEMA).to_table(columns=["row_id"])
-    return set(ids.column("row_id").to_pylist())
+def _read_legacy(storage: Storage, sweep: str) -> pa.Table:
+    return read_legacy(storage, sweep, SCHEMA, FILE_SCHEMA, PARTITION_SCHEMA)
 
 
 def read_results(storage: str | Storage, sweep: str | None = None, *, dedup: bool = True) -> pa.Table:
-    """Every stored row (of one sweep, or all), with the documented SCHEMA, one row per row_id."""
+    """Every stored row (of one sweep, or all), with the documented SCHEMA, one row per row_id.
+
+    `dedup=False` returns the stored rows as they are: the same rows, since the writer stores each
+    row id once; only sweeps in the older hive layout (or written by two drivers at once) differ.
+    """
     storage = storage if isinstance(storage, Storage) else Storage.of(storage)
-    base = results_root(storage) + (f"/sweep={sweep}" if sweep else "")
-    files = storage.list_files(base, ".parquet")
-    if not files:
-        return SCHEMA.empty_table()
-    part = pads.partitioning(PARTITION_SCHEMA, flavor="hive")
-    dataset = pads.dataset(files, filesystem=storage.fs, format="parquet", schema=SCHEMA, partitioning=part,
-                           partition_base_dir=results_root(storage))
-    table = dataset.to_table().select(list(COLUMNS))
-    if not dedup or table.num_rows == 0:
-        return table
-    table = table.take(pc.sort_indices(table, [("created_at", "ascending"), ("row_id", "ascending")]))
-    seen: set[str] = set()
-    keep = [not (rid in seen or seen.add(rid)) for rid in table.column("row_id").to_pylist()]
-    return table.filter(pa.array(keep, pa.bool_()))
+    tables = []
+    for name in sweep_names(storage, sweep):
+        table = read_sweep_files(storage, name, SCHEMA)
+        tables.append(table if table is not None else _read_legacy(storage, name))
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    return _dedup(table) if dedup else table
 
 
 def duckdb_connect(storage: str | Storage, sweep: str | None = None, con: Any = None) -> Any:
-    """A DuckDB connection with a view `results` over the Parquet files (deduplicated on row_id).
+    """A DuckDB connection with a view `results` over the sweep's Parquet files: a plain scan (rows are
+    unique when written); sweeps in the older hive layout are de-duplicated in the view.
 
-    Local storage is read by DuckDB directly (hive partitions with explicit VARCHAR types); other
-    storages go through pyarrow (DuckDB scans the Arrow table).
+    Local storage is read by DuckDB directly (the files the manifest names when the view is made: a
+    connection is a snapshot of a running sweep; connect again for newer rows); other storages go
+    through pyarrow (DuckDB scans the Arrow table).
     """
     import duckdb
 
     storage = storage if isinstance(storage, Storage) else Storage.of(storage)
     con = con or duckdb.connect()
-    if storage.local:
-        base = results_root(storage) + (f"/sweep={sweep}" if sweep else "")
-        if not storage.list_files(base, ".parquet"):
-            con.register("results_raw", read_results(storage, sweep, dedup=False))
-            source = "results_raw"
-        else:
-            glob = f"{results_root(storage)}/{f'sweep={sweep}' if sweep else 'sweep=*'}/task=*/*.parquet"
-            source = (f"read_parquet('{glob}', hive_partitioning=true, "
-                      "hive_types={'sweep': 'VARCHAR', 'task': 'VARCHAR'}, union_by_name=true)")
-    else:
-        con.register("results_raw", read_results(storage, sweep, dedup=False))
-        source = "results_raw"
     cols = ", ".join(f'"{c}"' for c in COLUMNS)
-    con.execute(f"CREATE OR REPLACE VIEW results AS SELECT {cols} FROM {source} "
-                "QUALIFY row_number() OVER (PARTITION BY row_id ORDER BY created_at) = 1")
+    sources: list[str] = []
+    if storage.local:
+        files: list[str] = []
+        for name in sweep_names(storage, sweep):
+            listed = local_files(storage, name)
+            if listed is not None:
+                files += listed
+            elif legacy_files(storage, name):
+                glob = f"{results_root(storage)}/sweep={name}/task=*/*.parquet"
+                sources.append(f"SELECT {cols} FROM read_parquet('{glob}', hive_partitioning=true, "
+                               "hive_types={'sweep': 'VARCHAR', 'task': 'VARCHAR'}, union_by_name=true) "
+                               "QUALIFY row_number() OVER (PARTITION BY row_id ORDER BY created_at) = 1")
+        if files:
+            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            sources.insert(0, f"SELECT {cols} FROM read_parquet([{listing}], hive_partitioning=false)")
+    if not sources:
+        con.register("results_rows", read_results(storage, sweep))
+        sources = [f"SELECT {cols} FROM results_rows"]
+    con.execute("CREATE OR REPLACE VIEW results AS " + " UNION ALL ".join(sources))
     return con

@@ -7,8 +7,8 @@ digest of them). On `--resume`, a final experiment without that record (made bef
 existed, e.g. from an interrupted search) or with another digest (the selection or the spec changed)
 is stale: the experiment and its rows are discarded and the phase is rebuilt from the completed search.
 
-Rows are discarded by rewriting each affected Parquet file whole without them (same name, so a reader
-sees the old file or the new one, never both), and the writer forgets their ids so the rebuilt runs,
+Rows are discarded by the results writer in one commit (a reader sees the files before or after it,
+never both), and the writer forgets their ids so the rebuilt runs,
 which have the same row ids, are written. Before any phase runs, its rows are also cut to the trials its
 experiment will continue (`restorable_trials`): a driver killed before Tune saved the experiment's state
 leaves rows of trials no restored experiment holds, and a new trial must not sit next to them.
@@ -17,14 +17,12 @@ leaves rows of trials no restored experiment holds, and a new trial must not sit
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .results import ResultsWriter
 from .storage import Storage
@@ -77,27 +75,16 @@ def purge_rows(storage: Storage, sweep: str, phase: str, writer: ResultsWriter, 
                reason: str) -> int:
     """Remove a phase's rows whose trial is not in `keep` (None: all of them); returns how many.
 
-    Each affected file is rewritten whole under its own name (or deleted when nothing is left), and the
-    writer forgets the removed ids: rebuilt final runs have the same row ids (task/label/seed).
+    The writer removes them in one commit (readers see the rows before or after, never a half state) and
+    forgets their ids: rebuilt final runs have the same row ids (task/label/seed).
     """
-    writer.flush()
-    removed: set[str] = set()
-    for path in storage.list_files(storage.path("results", f"sweep={sweep}"), ".parquet"):
-        table = pq.read_table(path, filesystem=storage.fs)
+    def marked(table: pa.Table) -> pa.Array:
         mask = pc.fill_null(pc.equal(table.column("phase"), phase), False)
         if keep is not None:
             mask = pc.and_(mask, pc.invert(pc.is_in(table.column("trial_id"), pa.array(sorted(keep), pa.string()))))
-        if not pc.any(mask).as_py():
-            continue
-        removed.update(table.filter(mask).column("row_id").to_pylist())
-        rest = table.filter(pc.invert(mask))
-        if rest.num_rows == 0:
-            storage.fs.delete_file(path)
-        else:
-            buf = io.BytesIO()
-            pq.write_table(rest, buf, compression="zstd")
-            storage.write_bytes(path, buf.getvalue())
-    writer.written_ids.difference_update(removed)
+        return mask
+
+    removed = writer.remove_rows(phase, marked)  # one commit of the sweep's files (spt_ray/result_files.py)
     if removed:
         logger.warning("sweep %r: removed %d %s-phase rows: %s", sweep, len(removed), phase, reason)
     return len(removed)

@@ -470,8 +470,8 @@ def test_a_full_disk_leaves_no_temporary_results_file(tmp_path, monkeypatch):
 
 
 def test_an_unwritable_results_folder_leaves_nothing_and_says_so(tmp_path):
-    """A real failure, no injection: the task's results folder exists but cannot be written to."""
-    folder = tmp_path / "results" / "sweep=s" / f"task={TASK}"
+    """A real failure, no injection: the sweep's results folder exists but cannot be written to."""
+    folder = tmp_path / "results" / "sweep=s"
     folder.mkdir(parents=True)
     read_only(Env(tmp_path, folder, *[tmp_path] * 4))
     try:

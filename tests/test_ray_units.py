@@ -231,10 +231,10 @@ def test_writer_streams_atomic_files_and_never_duplicates(tmp_path):
         for epoch in (1, 2):
             writer.put(make_row(CTX, _result(task, trial, epoch), row_kind="report", status="running"))
     writer.flush()
-    files = sorted((tmp_path / "results" / "sweep=sw").rglob("*"))
-    assert {f.parent.name for f in files if f.is_file()} == {"task=shapes", "task=count"}
-    assert not [f for f in files if f.name.endswith(".tmp")]
-    assert pq.read_schema(next(f for f in files if f.is_file())).equals(FILE_SCHEMA)
+    files = sorted((tmp_path / "results" / "sweep=sw").rglob("*.parquet"))
+    assert len(files) == 1 and files[0].parent.name == "sweep=sw"  # one file per flush, every task's rows
+    assert not [f for f in (tmp_path / "results").rglob("*") if f.name.endswith(".tmp")]
+    assert pq.read_schema(files[0]).equals(SCHEMA)
     # the same rows again (a resumed driver, a reconciliation): nothing new is written
     again = ResultsWriter(storage, "sw", flush_s=0.2)
     again.start()
