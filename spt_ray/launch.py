@@ -126,7 +126,7 @@ def print_summary(result) -> None:
     print(header)
     for task in sorted(set(result.best) | set(result.final)):
         b = result.best.get(task)
-        chosen = (f"{b['method']} {b['trainable_params']:,}p {b['val_acc']:.3f}" if b else "-")
+        chosen = (f"{b['method']} {b['trainable_params']:,}p {100 * b['val_acc']:.1f}%" if b else "-")
         cells = []
         for label in labels:
             e = result.final.get(task, {}).get(label)

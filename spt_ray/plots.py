@@ -11,13 +11,16 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 import pyarrow as pa
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from spt_core.analysis import sensitivity_shares  # noqa: E402
 
@@ -38,79 +41,164 @@ def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
     return fig, flat[:n]
 
 
-def pareto_figure(trials: list[Row], fronts: dict[str, list[Row]], selection: dict[str, Row], path: Path) -> Path:
-    """Per task: every candidate trial by method, the Pareto front, and the selected trial (a star)."""
-    by_task: dict[str, list[Row]] = defaultdict(list)
-    for r in trials:
-        by_task[r["task"]].append(r)
-    fig, axes = _grid(max(1, len(by_task)))
-    for ax, task in zip(axes, sorted(by_task)):
-        for method in sorted({r["method"] for r in by_task[task]}):
-            pts = [r for r in by_task[task] if r["method"] == method]
-            ax.scatter([max(1, r["trainable_params"]) for r in pts], [r["val_acc"] for r in pts], s=18, label=method,
-                       alpha=0.8)
-        f = fronts.get(task, [])
-        ax.step([max(1, r["trainable_params"]) for r in f], [r["val_acc"] for r in f], where="post", color="black",
-                lw=1.2, label="front")
-        if task in selection:
-            sel = selection[task]
-            ax.scatter([max(1, sel["trainable_params"])], [sel["val_acc"]], marker="*", s=160, color="red",
-                       zorder=3, label="selected")
-        ax.set_xscale("log")
-        ax.set_title(task)
-        ax.set_xlabel("trainable parameters (head excluded)")
-        ax.set_ylabel("val accuracy")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+class Bar(NamedTuple):
+    """One bar of methods.png: accuracy mean / spread (fractions), the per-seed values, trainable parameters."""
+
+    mean: float
+    std: float
+    values: tuple[float, ...]
+    params: int | None
+
+
+def _colors(methods: list[str]) -> dict[str, Any]:
+    """One colour per method across every panel (a panel that lacks a method must not shift the others)."""
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(sorted(methods))}
+
+
+def _short(n: float) -> str:
+    """1234 -> 1.2k, 1234567 -> 1.2M: parameter counts short enough for tick labels."""
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def _percent_axis(ax: plt.Axes, values: list[float], label: str) -> None:
+    """Accuracy in % (the unit of every table a person reads), never beyond [0, 100]."""
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    pad = max(0.02, 0.08 * (hi - lo))
+    ax.set_ylim(100 * max(0.0, lo - pad), 100 * min(1.0, hi + pad))
+    ax.set_ylabel(label)
+
+
+def _params_axis(ax: plt.Axes, params: list[int]) -> None:
+    """A log axis of parameter counts with few, short, labelled ticks: 1, 2, 5 per decade over a narrow range,
+    one per decade over a wide one (matplotlib's minor log labels overlapped into a smear)."""
+    lo, hi = min(params), max(params)
+    ax.set_xscale("log")
+    ax.set_xlim(lo / 1.6, hi * 1.6)
+    decades = math.log10(hi * 1.6) - math.log10(lo / 1.6)
+    subs = (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs, numticks=8))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _short(v)))
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def method_bars(table: pa.Table, selection: dict[str, Row]) -> tuple[dict[str, dict[str, tuple[float, float]]], str]:
-    """Per task and label: (accuracy, std) to draw, and what the accuracy is.
+def pareto_figure(trials: list[Row], fronts: dict[str, list[Row]], selection: dict[str, Row], path: Path) -> Path:
+    return _save(pareto_plot(trials, fronts, selection), path)
 
-    With a final phase: its test mean and std per label (the selected SPT config as "SPT (selected)";
-    a baseline whose budget is not within +-10% of SPT's says its ratio). Before it: the selected trial's
-    val accuracy and the completed baseline trials' (the same candidates rule, baselines instead of SPT).
+
+def pareto_plot(trials: list[Row], fronts: dict[str, list[Row]], selection: dict[str, Row]) -> plt.Figure:
+    """Per task: every candidate trial by method, the Pareto front, and the selected trial (a star); one
+    legend for the figure, every method in one colour everywhere."""
+    by_task: dict[str, list[Row]] = defaultdict(list)
+    for r in trials:
+        by_task[r["task"]].append(r)
+    colors = _colors(list({r["method"] for r in trials}))
+    fig, axes = _grid(max(1, len(by_task)))
+    for ax, task in zip(axes, sorted(by_task)):
+        for method in sorted({r["method"] for r in by_task[task]}):
+            pts = [r for r in by_task[task] if r["method"] == method]
+            ax.scatter([max(1, r["trainable_params"]) for r in pts], [100 * r["val_acc"] for r in pts], s=18,
+                       color=colors[method], alpha=0.8)
+        f = fronts.get(task, [])
+        ax.step([max(1, r["trainable_params"]) for r in f], [100 * r["val_acc"] for r in f], where="post",
+                color="black", lw=1.2)
+        if task in selection:
+            sel = selection[task]
+            ax.scatter([max(1, sel["trainable_params"])], [100 * sel["val_acc"]], marker="*", s=220,
+                       facecolors="none", edgecolors="red", linewidths=1.4, zorder=3, clip_on=False)  # dot inside
+        _params_axis(ax, [max(1, r["trainable_params"]) for r in by_task[task]])
+        ax.set_title(task)
+        ax.set_xlabel("trainable parameters (head excluded)")
+        _percent_axis(ax, [r["val_acc"] for r in by_task[task]], "val accuracy (%)")
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=m) for m, c in colors.items()]
+    handles += [Line2D([], [], color="black", label="Pareto front"),
+                Line2D([], [], marker="*", ls="", ms=12, markerfacecolor="none", markeredgecolor="red",
+                       label="selected")]
+    ncol = min(len(handles), 3 * min(4, len(axes)))
+    rows = math.ceil(len(handles) / ncol)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.05 + 0.22 * rows) / fig.get_figheight(), 1, 1))
+    return fig
+
+
+def method_bars(table: pa.Table, selection: dict[str, Row]) -> tuple[dict[str, dict[str, Bar]], str]:
+    """Per task and label: the Bar to draw, and what its accuracy is.
+
+    With a final phase: its test accuracy per label over the seeds (the selected SPT config as "SPT
+    (selected)"; a baseline whose budget is not within +-10% of SPT's says its ratio). Before it: the
+    selected trial's val accuracy and the completed baseline trials' best (the same candidates rule,
+    baselines instead of SPT), which the axis label says.
     """
     final = summarize_final(table)
-    bars: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
+    bars: dict[str, dict[str, Bar]] = defaultdict(dict)
     if final:
         for task, labels in final.items():
             for label, e in labels.items():
                 name = "SPT (selected)" if label == "best" else label
                 if label != "best" and e["budget_ratio"] is not None and not e["equal_budget"]:
                     name += f" (x{e['budget_ratio']:.2f} budget)"
-                bars[task][name] = (e["mean"], e["std"])
-        return bars, "final test accuracy (mean ± std over seeds)"
+                bars[task][name] = Bar(e["mean"], e["std"], tuple(e["test_acc"]), e["trainable_params"])
+        return bars, "final test accuracy (%), mean ± std over seeds"
     for task, sel in selection.items():
-        bars[task]["SPT (selected)"] = (sel["val_acc"], 0.0)
+        bars[task]["SPT (selected)"] = Bar(sel["val_acc"], 0.0, (sel["val_acc"],), sel["trainable_params"])
     for r in table.to_pylist():
         if (r["phase"], r["row_kind"], r["status"], r["searched"]) == ("search", "trial", "completed", False) \
                 and r["val_acc"] is not None:
-            best = bars[r["task"]].get(r["method"], (-1.0, 0.0))[0]
-            bars[r["task"]][r["method"]] = (max(best, r["val_acc"]), 0.0)
-    return bars, "val accuracy (selected SPT trial, baseline trials)"
+            best = bars[r["task"]].get(r["method"])
+            if best is None or r["val_acc"] > best.mean:
+                bars[r["task"]][r["method"]] = Bar(r["val_acc"], 0.0, (r["val_acc"],), r["trainable_params"])
+    return bars, "val accuracy (%): no final phase yet"
 
 
-def methods_figure(bars: dict[str, dict[str, tuple[float, float]]], what: str, path: Path) -> Path:
-    labels = sorted({m for accs in bars.values() for m in accs}, key=lambda m: (not m.startswith("SPT"), m))
+def methods_figure(bars: dict[str, dict[str, Bar]], what: str, path: Path) -> Path:
+    return _save(methods_plot(bars, what), path)
+
+
+def methods_plot(bars: dict[str, dict[str, Bar]], what: str) -> plt.Figure:
+    """Grouped bars per task: SPT's selected config first, then every baseline; the seeds as dots, the
+    spread as an error bar and the trainable parameters written above each bar."""
+    def slot(label: str) -> str:  # "lora (x1.12 budget)" shares the "lora" slot; the ratio goes above its bar
+        return label.split(" (x")[0]
+
+    labels = sorted({slot(m) for accs in bars.values() for m in accs}, key=lambda m: (not m.startswith("SPT"), m))
+    colors = dict(zip(labels, [plt.get_cmap("tab10")(i % 10) for i in range(len(labels))]))
     tasks = sorted(bars)
     width = 0.8 / max(1, len(labels))
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
-    for i, label in enumerate(labels):
-        xs = [t + (i - (len(labels) - 1) / 2) * width for t in range(len(tasks))]
-        values = [bars[t].get(label, (0.0, 0.0)) for t in tasks]
-        ax.bar(xs, [v for v, _ in values], width, yerr=[e for _, e in values], label=label)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=20)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + len(tasks) * (0.45 * len(labels) + 0.4)), 4.4))
+    for t, task in enumerate(tasks):
+        for full_label, bar in bars[task].items():
+            label = slot(full_label)
+            i = labels.index(label)
+            x = t + (i - (len(labels) - 1) / 2) * width
+            ax.bar(x, 100 * bar.mean, width * 0.92, yerr=100 * bar.std if len(bar.values) > 1 else None,
+                   color=colors[label], capsize=2)
+            if len(bar.values) > 1:
+                ax.scatter([x] * len(bar.values), [100 * v for v in bar.values], s=8, color="black", zorder=3)
+            text = _short(bar.params) if bar.params is not None else "-"
+            if full_label != label:
+                text += "\n" + full_label[len(label):].strip(" ()").replace(" budget", "")
+            top = 100 * max(bar.mean + bar.std, *bar.values)
+            ax.annotate(text, (x, top), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=7, rotation=90 if width < 0.15 else 0)
+    handles = [Patch(color=colors[label], label=label) for label in labels]
+    ax.legend(handles=handles, fontsize=7, ncol=min(5, len(labels)), loc="upper center",
+              bbox_to_anchor=(0.5, -0.08), frameon=False)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylim(0, 112)  # room above 100% for the parameter counts
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel(what)
-    ax.set_title("accuracy by method (SPT vs baselines)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("selected SPT config vs baselines\nabove bars: trainable parameters (head excluded); "
+                 "xN: budget ratio to SPT's", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def heatmap_figure(title: str, blocks: list[str], columns: list[str], shares, path: Path) -> Path:
@@ -121,9 +209,7 @@ def heatmap_figure(title: str, blocks: list[str], columns: list[str], shares, pa
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="share of top-k entries")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def stored_maps(storage: Storage) -> list[dict]:

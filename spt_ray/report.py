@@ -123,6 +123,7 @@ def query_report(table: pa.Table, sql: str) -> tuple[list[tuple], list[str]]:
 
 # ---- output -----------------------------------------------------------------------------------------
 def print_table(rows: list[tuple], columns: list[str], fmt: str = "table") -> None:
+    """Rows as an aligned table (accuracies in %), CSV or JSON (accuracies as stored: fractions)."""
     if fmt == "json":
         print(json.dumps([dict(zip(columns, r)) for r in rows], indent=1, default=str))
         return
@@ -131,18 +132,26 @@ def print_table(rows: list[tuple], columns: list[str], fmt: str = "table") -> No
         for r in rows:
             print(",".join("" if v is None else str(v) for v in r))
         return
-    cells = [[_cell(v) for v in r] for r in rows]
+    percent = [_is_accuracy(c) for c in columns]
+    columns = [f"{c} %" if pct else c for c, pct in zip(columns, percent)]
+    cells = [[_cell(100 * v if pct and isinstance(v, float) else v, pct) for v, pct in zip(r, percent)] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths)))
 
 
-def _cell(v: Any) -> str:
+def _is_accuracy(column: str) -> bool:
+    """Accuracy columns (val_acc, test_mean, max(val_acc), ...): the table shows them in %, the unit of the
+    tune summary and the figures; csv and json keep the stored fractions."""
+    return "acc" in column or column in ("test_mean", "test_std")
+
+
+def _cell(v: Any, percent: bool = False) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.2f}" if percent else f"{v:.4g}"
     return str(v)
 
 

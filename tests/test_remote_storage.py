@@ -84,6 +84,19 @@ def test_plot_from_the_bucket(bucket, capsys, tmp_path):
     pngs = {p.name: p.stat().st_size for p in tmp_path.glob("*.png")}
     assert {"pareto.png", "methods.png", "sensitivity_count.png"} <= set(pngs)
     assert all(size > 5000 for size in pngs.values())
+    # methods.png draws the final phase's test accuracy of the selected config beside the baseline
+    from spt_ray.plots import method_bars
+    from spt_ray.report import selection_of
+    from spt_ray.results import read_results
+    from spt_ray.storage import Storage
+
+    storage = Storage.of(bucket)
+    table = read_results(storage, "s3")
+    bars, what = method_bars(table, selection_of(storage, "s3", table))
+    final = {r["label"]: r for r in table.to_pylist() if r["row_kind"] == "final"}
+    assert "test" in what and set(bars["count"]) == {"SPT (selected)", "linear"}
+    assert bars["count"]["SPT (selected)"].values == (final["best"]["test_acc"],)
+    assert bars["count"]["linear"].params == 0 and bars["count"]["SPT (selected)"].params > 0
 
 
 def _sha(path: Path) -> str:
