@@ -105,10 +105,12 @@ class SensitivityMap(Mapping[str, torch.Tensor]):
 
 @dataclass
 class Ranking:
-    """The globally top-ranked entries of a sensitivity map (possibly truncated) and the tensor layout.
+    """Entries of a sensitivity map in global rank order (score descending, lower id first) and the layout.
 
-    `ids` index the concatenation of the layout's scored logical tensors (see SensitivityMap.flat_scores);
-    this is what a trial needs to build any plan, far smaller than the full map.
+    `ids` index the concatenation of the layout's scored logical tensors (see SensitivityMap.flat_scores).
+    A truncated ranking is a prefix of the global one, or a subsequence of it: each tensor's top entries
+    down to the switch thresholds a search space can produce (meta "tensor_depths"), over which allocation
+    is exact for any budget (see spt_ray.rankings). Either is what a trial needs, far smaller than the map.
     """
 
     ids: torch.Tensor  # int64, best first

@@ -64,7 +64,7 @@ def covers(ranking: Ranking, structured: str, rank: int, alpha: float, beta: flo
     if not ranking.truncated:
         return True
     depths = ranking.meta.get("tensor_depths")
-    if depths is None:  # a plain prefix of the global ranking: allocate itself tells when it runs short
+    if depths is None:  # a prefix of the global ranking: no per-tensor guarantee
         return False
     need = switch_depths(ranking.layout, (structured,), rank, alpha, beta)
     return bool((torch.as_tensor(depths) >= need).all())
@@ -123,7 +123,10 @@ def _tensor_top(values: torch.Tensor, depth: int) -> torch.Tensor:
     """Positions of the `depth` largest values, ties broken by lower position, ascending."""
     if depth >= values.numel():
         return torch.arange(values.numel())
-    kth = torch.topk(values, depth, sorted=False).values.min()
+    top, pos = torch.topk(values, depth, sorted=False)
+    kth = top.min()
+    if int((values == kth).sum()) == int((top == kth).sum()):  # no tie cut at the boundary: topk is exact
+        return torch.sort(pos).values
     above = torch.nonzero(values > kth).squeeze(1)
     ties = torch.nonzero(values == kth).squeeze(1)[: depth - above.numel()]
     return torch.sort(torch.cat([above, ties])).values

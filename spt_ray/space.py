@@ -4,8 +4,9 @@ A `SearchSpace` holds the ranges; `resolve(total_params)` turns a budget given a
 backbone's parameters into absolute counts and gives a `ResolvedSpace`, which is both
 
 * the define-by-run function Optuna samples from (`space(trial) -> config`), and
-* the source of the extreme corners (`corners()`) the sensitivity store uses to decide how many top
-  entries of the ranking a trial can ever need, so the object store only carries that prefix.
+* the source of its extreme corners (`corners()`: max budget, every structured type, rank and alpha).
+
+`RankingNeeds` turns a space into what the sensitivity store keeps of each map's ranking.
 
 Searched methods are SPT's (`spt-lora`, `spt-adapter`); baselines are fixed configurations run for
 comparison (`fixed_configs`), never sampled, so they never enter an Optuna study.

@@ -40,7 +40,7 @@ class SensitivitySpec:
     """How the per-task sensitivity map is computed (part of its storage key) and where it runs.
 
     num_gpus / num_cpus are the Ray resources of the one-off computation task (a GPU if there is one);
-    ranking_margin is the safety factor on the deepest top-k the search space can need.
+    ranking_margin is the headroom of the stored ranking: it reaches alpha down to the space's low / margin.
     """
 
     split: str | None = None  # None: the suite's own; only training splits (train800 for VTAB-style, train for FGVC)

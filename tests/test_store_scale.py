@@ -54,8 +54,10 @@ def test_derivation_matches_a_brute_force_global_sort_with_ties():
     against a full stable sort of the flat map filtered tensor by tensor."""
     layout = ModelLayout.from_model(tiny_vit())
     smap = synthetic_sensitivity(layout, seed=3)
-    for name in list(smap)[:4]:  # ties, also across a tensor's top boundary
+    for name in list(smap)[:4]:  # ties inside tensors and across them
         smap[name].view(-1)[::7] = 0.5
+    for name in list(smap)[4:8]:  # ties cut by a tensor's depth: the lower ids are kept
+        smap[name].view(-1)[: smap[name].numel() // 2] = 2.0
     depths = torch.tensor([max(1, t.numel // d) for t, d in zip(layout.scored, [3, 50, 1, 7] * 999)])
     ranking, info = derive_ranking(map_stream(smap), layout, depths)
 
@@ -182,6 +184,7 @@ print(json.dumps({"extra": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss -
 """
 
 
+@pytest.mark.slow
 def test_derivation_from_storage_never_holds_the_map(tmp_path):
     """Peak memory of checking and deriving from a 22M-entry (88 MB) map file: a fraction of the map."""
     layout = _layout("vit_small_patch16_224")
