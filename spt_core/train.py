@@ -34,6 +34,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     amp: bool = False  # bf16 autocast, CUDA only
+    # Recompute each transformer block's activations in the backward instead of keeping them (timm's
+    # set_grad_checkpointing): ~30% more compute for a fraction of the activation memory, which is what
+    # dominates a PEFT plan's peak at batch 64 (README: Benchmarks). Needs a model with set_grad_checkpointing.
+    grad_checkpointing: bool = False
     seed: int = 42
     device: str = "auto"
 
@@ -79,6 +83,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Turn on timm's activation checkpointing of the transformer blocks (TrainConfig.grad_checkpointing)."""
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if not callable(setter):
+        raise ValueError(f"grad_checkpointing needs a timm model with set_grad_checkpointing; "
+                         f"{type(model).__name__} has none: set grad_checkpointing false")
+    setter(True)
+
+
 class Trainer:
     """Trains every parameter of `model` that requires grad; per-epoch callbacks and checkpoints."""
 
@@ -86,6 +99,8 @@ class Trainer:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, float]] = []
