@@ -37,7 +37,13 @@ def add_tune_args(p: argparse.ArgumentParser, *, suite: str | None = None) -> ar
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--gpus-per-trial", type=float, help="fractional allowed, e.g. 0.25")
-    p.add_argument("--multi-objective", action="store_true", help="NSGA-II on (val_acc, trainable params)")
+    p.add_argument("--multi-objective", action="store_true",
+                   help="multi-objective TPE on (val_acc, storage bytes of the task delta); every front point retrained")
+    p.add_argument("--sampler", choices=("tpe", "random"), help="tpe (multivariate, constant liar; default) or random")
+    p.add_argument("--no-warm-start", action="store_true", help="studies start cold (no paper configurations)")
+    p.add_argument("--warm-start-from", help="seed each task's study with this sweep's trials (same space)")
+    p.add_argument("--optuna-storage", help="where the Optuna studies live: an RDB URL (sqlite:///studies.db), a "
+                                            "journal file or 'memory' (default <storage>/optuna/<name>.journal)")
     p.add_argument("--address", help="Ray address (default: attach to a running cluster, else start locally)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     p.add_argument("--smoke", action="store_true", help="a minute-long version on the mini suite")
@@ -56,7 +62,8 @@ def spec_from_args(args: argparse.Namespace, suite: str) -> dict[str, Any]:
         spec.update(read_yaml_mapping(args.config, "--config"))
     flags = {"tasks": args.tasks, "name": args.name, "num_samples": args.num_samples,
              "final_seeds": args.final_seeds, "baselines": args.baselines, "max_concurrent": args.max_concurrent,
-             "address": args.address}
+             "address": args.address, "sampler": args.sampler, "warm_start_from": args.warm_start_from,
+             "optuna_storage": args.optuna_storage}
     spec.update({k: v for k, v in flags.items() if v is not None})
     if args.epochs is not None:
         spec["train"] = {**spec.get("train", {}), "epochs": args.epochs}
@@ -69,6 +76,8 @@ def spec_from_args(args: argparse.Namespace, suite: str) -> dict[str, Any]:
         res.update({k: v for k, v in (("cpu", args.cpus_per_trial), ("gpu", args.gpus_per_trial)) if v is not None})
         spec["resources"] = res
     spec["multi_objective"] = bool(args.multi_objective or spec.get("multi_objective"))
+    if args.no_warm_start:
+        spec["paper_warm_start"] = False
     spec["resume"] = bool(args.resume)
     spec["run_final"] = not args.no_final and spec.get("run_final", True)
     spec["storage"] = args.storage or spec.get("storage") or str(Path("runs") / spec["name"])

@@ -124,7 +124,7 @@ def final_configs(spec: SweepSpec, best: Mapping[str, dict[str, Any]],
     count) travels with every run whose budget refers to it, so the trainable records `budget_ratio`.
     """
     base = fixed_configs(spec.baselines, lr=spec.final_recipe.lr, weight_decay=spec.final_recipe.weight_decay,
-                         bits=spec.space.bits)
+                         bits=spec.space.fixed_bits)
     runs = []
     for task in spec.tasks:
         selected = best.get(task)

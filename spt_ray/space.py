@@ -22,6 +22,14 @@ from .validate import check_fields, check_keys, finite
 SPT_METHODS = ("spt-lora", "spt-adapter")
 BASELINE_METHODS = ("linear", "full", "bitfit", "lora", "adapter")
 STRUCTURED_OF = {"spt-lora": "lora", "spt-adapter": "adapter"}
+BITS_CHOICES = (None, 1, 2)
+VIT_B16_PARAMS = 85_798_656  # ViT-B/16 without its head: the backbone the paper's budgets refer to
+PAPER_BUDGETS = (400_000, 1_000_000)
+PAPER = {"alpha": 10.0, "rank": 8, "lr": 1e-3, "weight_decay": 1e-4}  # SPT's reference recipe (VTAB-1k)
+
+
+def _clip(value: float, r: "Range") -> float:
+    return float(min(max(value, r.low), r.high))
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,9 @@ class SearchSpace:
     budget: trainable parameters (head excluded); `budget_unit` "fraction" means a share of the
     backbone's parameters (0.05%..1.2% by default, right for the mini ViT), "params" an absolute count
     (e.g. 5e4..1e6 for ViT-B/16, SPT's 0.05M..1.0M). alpha: SPT's structured-switch divisor. rank: LoRA /
-    Adapter rank. lr, weight_decay: AdamW. bits: adapter quantization (None = float), fixed per sweep.
+    Adapter rank. lr, weight_decay: AdamW. bits: quantization of the structured (LoRA / Adapter) weights,
+    None = float: one value is fixed per sweep, a list (`[null, 2, 1]`) is searched, so the search can
+    trade bits for accuracy (with `multi_objective`, against the delta's storage bytes).
     """
 
     methods: tuple[str, ...] = SPT_METHODS
@@ -68,7 +78,7 @@ class SearchSpace:
     rank: tuple[int, ...] = (4, 8, 16)
     lr: Range = Range(1e-4, 1e-2)
     weight_decay: Range = Range(1e-5, 1e-2)
-    bits: int | None = None
+    bits: int | None | tuple[int | None, ...] = None
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in SPT_METHODS]
@@ -81,8 +91,24 @@ class SearchSpace:
             raise ValueError(f"a fractional budget must stay below 1, got {self.budget.high}")
         if not self.rank or any(int(r) != r or r < 1 for r in self.rank):
             raise ValueError(f"ranks must be integers >= 1, got {list(self.rank)}")
-        if self.bits not in (None, 1, 2):
-            raise ValueError(f"bits must be 1, 2 or null, got {self.bits}")
+        choices = self.bits if isinstance(self.bits, tuple) else (self.bits,)
+        if not choices or any(b not in BITS_CHOICES or isinstance(b, bool) for b in choices) \
+                or len(set(choices)) != len(choices):
+            raise ValueError(f"bits must be 1, 2 or null (float), or a list of distinct ones such as [null, 2, 1], "
+                             f"got {self.bits!r}")
+
+    @property
+    def searched_bits(self) -> tuple[int | None, ...]:
+        """The bit widths the search samples from; () when bits are fixed per sweep."""
+        return self.bits if isinstance(self.bits, tuple) and len(self.bits) > 1 else ()
+
+    @property
+    def fixed_bits(self) -> int | None:
+        """The one bit width of every run when bits are not searched (None: float, also for baselines when
+        bits are searched: they compare against float training)."""
+        if isinstance(self.bits, tuple):
+            return self.bits[0] if len(self.bits) == 1 else None
+        return self.bits
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, base: "SearchSpace | None" = None) -> "SearchSpace":
@@ -97,6 +123,8 @@ class SearchSpace:
                 updates[key] = Range.parse(value, f"search space `{key}`")
             elif key in ("methods", "rank"):
                 updates[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+            elif key == "bits" and isinstance(value, (list, tuple)):
+                updates[key] = tuple(None if b in ("float", 32) else b for b in value)
             else:
                 updates[key] = value
         return replace(base, **updates)
@@ -112,7 +140,7 @@ class SearchSpace:
             low, high = int(self.budget.low), int(self.budget.high)
         if high > total_params:
             raise ValueError(f"the maximum budget {high:,} exceeds the backbone's {total_params:,} parameters")
-        return ResolvedSpace(self, int(low), int(high))
+        return ResolvedSpace(self, int(low), int(high), int(total_params))
 
 
 @dataclass(frozen=True)
@@ -122,6 +150,7 @@ class ResolvedSpace:
     space: SearchSpace
     budget_low: int
     budget_high: int
+    total_params: int = 0  # the backbone's (head excluded): what paper budgets scale by
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         s = self.space
@@ -133,7 +162,33 @@ class ResolvedSpace:
             "lr": trial.suggest_float("lr", s.lr.low, s.lr.high, log=True),
             "weight_decay": trial.suggest_float("weight_decay", s.weight_decay.low, s.weight_decay.high, log=True),
         }
-        return {**out, "bits": s.bits}  # fixed per sweep: returned, not sampled
+        # bits apply to structured weights only: sampled when the method has them (every SPT method does)
+        searched = s.searched_bits and out["method"] in STRUCTURED_OF
+        return {**out, "bits": trial.suggest_categorical("bits", list(s.searched_bits)) if searched else s.fixed_bits}
+
+    def warm_starts(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The paper's configurations for this backbone, first points of every study (Optuna's enqueue).
+
+        SPT's ViT-B/16 recipe: SPT-LoRA and SPT-Adapter at 0.4M and 1.0M trainable parameters, alpha 10,
+        rank 8, lr 1e-3, weight decay 1e-4. Budgets scale by parameter share to other backbones (0.4M of
+        ViT-B/16's 85.8M is 0.47%); every value is clipped into this space (rank: the closest of its
+        ranks), duplicates after clipping dropped. Order: both methods at 0.4M, then at 1.0M, so `limit`
+        keeps the most typical ones. Searched bits start at float (the paper's precision) when offered.
+        """
+        s, out = self.space, []
+        for budget in PAPER_BUDGETS:
+            for method in ("spt-lora", "spt-adapter"):
+                if method not in s.methods:
+                    continue
+                share = budget / VIT_B16_PARAMS * (self.total_params or VIT_B16_PARAMS)
+                point = {"method": method, "budget": int(min(max(round(share), self.budget_low), self.budget_high)),
+                         "alpha": _clip(PAPER["alpha"], s.alpha), "rank": min(s.rank, key=lambda r: abs(r - PAPER["rank"])),
+                         "lr": _clip(PAPER["lr"], s.lr), "weight_decay": _clip(PAPER["weight_decay"], s.weight_decay)}
+                if s.searched_bits:
+                    point["bits"] = None if None in s.searched_bits else s.searched_bits[0]
+                if point not in out:
+                    out.append(point)
+        return out[:limit]
 
     def corners(self, alpha_points: int = 5) -> list[dict[str, Any]]:
         """Allocation settings that bound how deep into the ranking any sampled trial can reach.

@@ -17,6 +17,7 @@ from spt_core.sensitivity import check_sensitivity_split
 from spt_core.train import TrainConfig
 
 from .space import BASELINE_METHODS, SearchSpace
+from .studies import SAMPLERS, StudyStore, study_store
 from .validate import check_fields, check_keys, read_yaml_mapping
 
 DEFAULT_FINAL_SEEDS = (42, 44, 82, 100, 800)
@@ -140,7 +141,11 @@ class SweepSpec:
     final_train: TrainConfig | None = None
     final_seeds: tuple[int, ...] = DEFAULT_FINAL_SEEDS
     run_final: bool = True
-    multi_objective: bool = False
+    multi_objective: bool = False  # search (val_acc, storage bytes of the task delta); the final phase runs each front
+    sampler: str = "tpe"  # "tpe": multivariate TPE with a constant liar; "random": the control (spt_ray.search)
+    paper_warm_start: bool = True  # each study starts with the paper's configurations (ResolvedSpace.warm_starts)
+    warm_start_from: str | None = None  # another sweep (same space, same study storage) whose trials seed the studies
+    optuna_storage: str | None = None  # None: <storage>/optuna/<name>.journal; an RDB URL, a journal path, "memory"
     resume: bool = False
     address: str | None = None
     sensitivity: SensitivitySpec = field(default_factory=SensitivitySpec)
@@ -180,6 +185,16 @@ class SweepSpec:
             raise ValueError("the final phase needs at least one seed (or run_final: false)")
         if self.max_failures < 0 or self.num_workers < 0:
             raise ValueError("max_failures and num_workers must be >= 0")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.warm_start_from is not None:
+            _safe_name(self.warm_start_from, "warm_start_from")
+            if self.warm_start_from == self.name:
+                raise ValueError(f"warm_start_from names this sweep ({self.name!r}); name another sweep, or use "
+                                 "--resume to continue this one")
+        if self.optuna_storage is not None and not self.optuna_storage.strip():
+            raise ValueError("optuna_storage is empty; give an RDB URL (sqlite:///studies.db), a journal path or "
+                             "'memory', or leave it out (<storage>/optuna/<name>.journal)")
         if self.img_size is not None and self.img_size < 8:
             raise ValueError(f"img_size must be >= 8, got {self.img_size}")
 
@@ -239,6 +254,11 @@ class SweepSpec:
     @property
     def final_recipe(self) -> TrainConfig:
         return self.final_train or self.train
+
+    @property
+    def study_store(self) -> StudyStore:
+        """Where this sweep's Optuna studies live (spt_ray/studies.py)."""
+        return study_store(self.storage, self.name, self.optuna_storage)
 
     @property
     def search_samples(self) -> int:
