@@ -226,3 +226,94 @@ def test_onprem_defects(tmp_path: Path, defect: str) -> None:
     for part in expected:
         assert part in message, message
     assert "hunter2" not in message
+
+
+# ---- KubeRay manifests (cluster/kuberay) -----------------------------------------------------------
+KUBERAY = CLUSTER_DIR / "kuberay"
+
+
+def _docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((KUBERAY / name).read_text()) if d]
+
+
+def _values(node: Any) -> list[Any]:
+    """Every scalar in a parsed manifest (comments excluded)."""
+    if isinstance(node, dict):
+        return [v for item in node.values() for v in _values(item)]
+    if isinstance(node, list):
+        return [v for item in node for v in _values(item)]
+    return [node]
+
+
+def _pods(cluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    spec = cluster["spec"]
+    pods = {"head": spec["headGroupSpec"]["template"]["spec"]}
+    pods.update({g["groupName"]: g["template"]["spec"] for g in spec["workerGroupSpecs"]})
+    return pods
+
+
+def test_kuberay_manifests_are_complete_and_expose_nothing() -> None:
+    import ray
+
+    from spt_ray.cluster import ClusterConfigError, _error, _field
+    from spt_ray.cluster_secrets import check_secrets
+
+    docs = {name: _docs(name) for name in ("raycluster.yaml", "rayjob.yaml", "storage.yaml")}
+    for name, items in docs.items():  # no credentials anywhere (keys, tokens, KEY=value in commands, comments)
+        for doc in items:
+            check_secrets(doc, (KUBERAY / name).read_text(), name, _error, _field)
+    everything = [d for items in docs.values() for d in items]
+    assert all({"apiVersion", "kind", "metadata"} <= set(d) and d["metadata"].get("name") for d in everything)
+    cluster = next(d for d in docs["raycluster.yaml"] if d["kind"] == "RayCluster")
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["spec"]["rayVersion"] == ray.__version__
+    assert f"rayproject/ray:{ray.__version__}-" in (KUBERAY / "Dockerfile").read_text()  # same Ray everywhere
+
+    # dashboard not exposed: a ClusterIP head service, no Ingress / LoadBalancer / NodePort, no public
+    # dashboard-host, and a NetworkPolicy that admits only this namespace's pods to the head
+    head = cluster["spec"]["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress", False)
+    assert not [d for d in everything if d["kind"] in ("Ingress", "Service")]
+    values = [str(v) for d in everything for v in _values(d)]
+    assert not [v for v in values if v in ("LoadBalancer", "NodePort") or "0.0.0.0" in v]
+    policy = next(d for d in docs["raycluster.yaml"] if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]  # no namespaceSelector / ipBlock
+
+    # every pod runs the image built with the package and mounts the data (read-only) and the storage
+    claims = {d["metadata"]["name"]: d for d in docs["storage.yaml"] if d["kind"] == "PersistentVolumeClaim"}
+    for group, pod in _pods(cluster).items():
+        container = pod["containers"][0]
+        assert "spt-ray" in container["image"], group
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts["/mnt/data"].get("readOnly") and "/mnt/runs" in mounts, group
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for mount in mounts.values():
+            claim = volumes[mount["name"]].get("persistentVolumeClaim")
+            assert claim is None or claim["claimName"] in claims, group
+    assert all(c["spec"]["accessModes"] == ["ReadWriteMany"] for c in claims.values())
+    gpu_groups = [g for g in cluster["spec"]["workerGroupSpecs"]
+                  if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+    assert gpu_groups and all(isinstance(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                         ["nvidia.com/gpu"], int) for g in gpu_groups)  # whole GPUs per pod
+    assert head["rayStartParams"].get("num-cpus") == "0"  # no trials on the head
+    with pytest.raises(ClusterConfigError):  # the scanner does see a key (the check above is not vacuous)
+        check_secrets({"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": FAKE_SECRET}]}, "", "x", _error, _field)
+
+
+def test_kuberay_job_runs_the_vtab_sweep_with_flags_the_script_accepts() -> None:
+    import argparse
+    import shlex
+
+    from spt_ray.launch import add_tune_args
+
+    cluster = next(d for d in _docs("raycluster.yaml") if d["kind"] == "RayCluster")
+    job = next(d for d in _docs("rayjob.yaml") if d["kind"] == "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "python" and argv[1] == "/home/ray/spt-ray/sweeps/vtab.py"
+    assert (CLUSTER_DIR.parent / "sweeps" / "vtab.py").is_file()
+    args = add_tune_args(argparse.ArgumentParser(exit_on_error=False), suite="vtab").parse_args(argv[2:])
+    assert args.data_root.startswith("/mnt/data/") and args.weights.startswith("/mnt/data/")
+    assert args.storage.startswith("/mnt/runs")  # the shared ReadWriteMany volume every pod mounts
+    assert "/home/ray/spt-ray" in (KUBERAY / "Dockerfile").read_text()
