@@ -24,7 +24,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from spt_core.analysis import sensitivity_shares  # noqa: E402
 
-from .selection import candidates, pareto_front, summarize_final  # noqa: E402
+from .selection import candidates, front_cost, front_with_test, pareto_front, summarize_final  # noqa: E402
 from .storage import Storage  # noqa: E402
 from .store import MANIFEST_FILE, load_map  # noqa: E402
 
@@ -88,13 +88,17 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def pareto_figure(trials: list[Row], fronts: dict[str, list[Row]], selection: dict[str, Row], path: Path) -> Path:
-    return _save(pareto_plot(trials, fronts, selection), path)
+def pareto_figure(trials: list[Row], fronts: dict[str, list[Row]], selection: dict[str, Row], path: Path,
+                  cost: str = "trainable_params") -> Path:
+    return _save(pareto_plot(trials, fronts, selection, cost), path)
 
 
-def pareto_plot(trials: list[Row], fronts: dict[str, list[Row]], selection: dict[str, Row]) -> plt.Figure:
-    """Per task: every candidate trial by method, the Pareto front, and the selected trial (a star); one
-    legend for the figure, every method in one colour everywhere."""
+def pareto_plot(trials: list[Row], fronts: dict[str, list[Row]], selection: dict[str, Row],
+                cost: str = "trainable_params") -> plt.Figure:
+    """Per task: every candidate trial by method, the Pareto front over (val accuracy, `cost`: trainable
+    parameters, or storage bytes in multi-objective mode), its points' test accuracy (mean +- std over the
+    final seeds, where front rows carry `test_mean`: selection.front_with_test), and the selected trial (a
+    star); one legend for the figure, every method in one colour everywhere."""
     by_task: dict[str, list[Row]] = defaultdict(list)
     for r in trials:
         by_task[r["task"]].append(r)
@@ -103,22 +107,30 @@ def pareto_plot(trials: list[Row], fronts: dict[str, list[Row]], selection: dict
     for ax, task in zip(axes, sorted(by_task)):
         for method in sorted({r["method"] for r in by_task[task]}):
             pts = [r for r in by_task[task] if r["method"] == method]
-            ax.scatter([max(1, r["trainable_params"]) for r in pts], [100 * r["val_acc"] for r in pts], s=18,
+            ax.scatter([max(1, r[cost]) for r in pts], [100 * r["val_acc"] for r in pts], s=18,
                        color=colors[method], alpha=0.8)
         f = fronts.get(task, [])
-        ax.step([max(1, r["trainable_params"]) for r in f], [100 * r["val_acc"] for r in f], where="post",
+        ax.step([max(1, r[cost]) for r in f], [100 * r["val_acc"] for r in f], where="post",
                 color="black", lw=1.2)
+        tested = [r for r in f if r.get("test_mean") is not None]
+        if tested:
+            ax.errorbar([max(1, r[cost]) for r in tested], [100 * r["test_mean"] for r in tested],
+                        yerr=[100 * r["test_std"] for r in tested], fmt="D", ms=5, mfc="none", color="black",
+                        capsize=2, lw=0.8, zorder=3)
         if task in selection:
             sel = selection[task]
-            ax.scatter([max(1, sel["trainable_params"])], [100 * sel["val_acc"]], marker="*", s=220,
+            ax.scatter([max(1, sel[cost])], [100 * sel["val_acc"]], marker="*", s=220,
                        facecolors="none", edgecolors="red", linewidths=1.4, zorder=3, clip_on=False)  # dot inside
-        _params_axis(ax, [max(1, r["trainable_params"]) for r in by_task[task]])
+        _params_axis(ax, [max(1, r[cost]) for r in by_task[task]])
         ax.set_title(task)
-        ax.set_xlabel("trainable parameters (head excluded)")
-        _percent_axis(ax, [r["val_acc"] for r in by_task[task]], "val accuracy (%)")
+        ax.set_xlabel("trainable parameters (head excluded)" if cost == "trainable_params"
+                      else "storage of the task delta (bytes)")
+        _percent_axis(ax, [r["val_acc"] for r in by_task[task]] + [r["test_mean"] for r in tested],
+                      "accuracy (%): val, test on the front")
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], marker="o", ls="", color=c, label=m) for m, c in colors.items()]
     handles += [Line2D([], [], color="black", label="Pareto front"),
+                Line2D([], [], marker="D", ls="", mfc="none", color="black", label="front: test (final seeds)"),
                 Line2D([], [], marker="*", ls="", ms=12, markerfacecolor="none", markeredgecolor="red",
                        label="selected")]
     ncol = min(len(handles), 3 * min(4, len(axes)))
@@ -227,7 +239,10 @@ def write_all(storage: Storage, table: pa.Table, selection: dict[str, Row], out:
               budget: int | None = None) -> list[Path]:
     """Every figure of one sweep (`table`: its results; `selection`: the driver's) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [pareto_figure(candidates(table), pareto_front(table), selection, out / "pareto.png"),
+    sweeps = [s for s in table.column("sweep").to_pylist() if s] if "sweep" in table.column_names else []
+    cost = front_cost(storage, sweeps[0]) if sweeps else "trainable_params"
+    fronts = front_with_test(pareto_front(table, cost), summarize_final(table), selection)
+    written = [pareto_figure(candidates(table), fronts, selection, out / "pareto.png", cost),
                methods_figure(*method_bars(table, selection), out / "methods.png")]
     keys = {k for k in table.column("sensitivity_key").to_pylist() if k}
     for manifest in stored_maps(storage):

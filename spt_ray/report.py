@@ -20,13 +20,13 @@ import pyarrow as pa
 
 from .result_files import sweep_names
 from .results import read_results
-from .selection import pareto_front, read_selection, select_best, summarize_final
+from .selection import front_cost, front_with_test, pareto_front, read_selection, select_best, summarize_final
 from .storage import Storage
 
 BEST_COLUMNS = ("task", "method", "budget", "alpha", "rank", "lr", "weight_decay", "bits", "trainable_params",
                 "val_acc", "trial_id", "test_mean", "test_std", "seeds")
-PARETO_COLUMNS = ("task", "trial_id", "method", "budget", "alpha", "rank", "lr", "weight_decay", "trainable_params",
-                  "val_acc", "selected")
+PARETO_COLUMNS = ("task", "trial_id", "method", "budget", "alpha", "rank", "lr", "weight_decay", "bits",
+                  "trainable_params", "storage_bytes", "val_acc", "test_mean", "test_std", "seeds", "selected")
 FINAL_COLUMNS = ("task", "label", "method", "trainable_params", "budget_ratio", "equal_budget", "test_mean",
                  "test_std", "seeds")
 
@@ -85,11 +85,11 @@ def best_report(storage: Storage, sweep: str, table: pa.Table) -> tuple[list[tup
 
 
 def pareto_report(storage: Storage, sweep: str, table: pa.Table) -> tuple[list[tuple], list[str]]:
-    """Per task, the candidates not dominated in (val_acc, trainable_params); `selected` marks the choice."""
-    chosen = {t: s["trial_id"] for t, s in selection_of(storage, sweep, table).items()}
-    rows = [tuple(r[c] for c in PARETO_COLUMNS[:-1]) + (chosen.get(task) == r["trial_id"],)
-            for task, front in pareto_front(table).items() for r in front]
-    return rows, list(PARETO_COLUMNS)
+    """Per task, the candidates not dominated in (val_acc, the mode's cost: trainable_params, or storage_bytes
+    in multi-objective mode), each with the test accuracy of its final runs; `selected` marks the choice."""
+    fronts = pareto_front(table, front_cost(storage, sweep))
+    rows = front_with_test(fronts, summarize_final(table), selection_of(storage, sweep, table))
+    return [tuple(r[c] for c in PARETO_COLUMNS) for front in rows.values() for r in front], list(PARETO_COLUMNS)
 
 
 def final_report(storage: Storage, sweep: str, table: pa.Table) -> tuple[list[tuple], list[str]]:

@@ -13,6 +13,7 @@ holds rows of several sweeps is refused rather than silently pooled.
 from __future__ import annotations
 
 import io
+import json
 import statistics
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ SELECTION_COLUMNS = ("task", "phase", "row_kind", "status", "searched", "trial_i
                      "trainable_params", "storage_bytes")
 assert not any(c.startswith("test") for c in SELECTION_COLUMNS), "selection must never read a test column"
 CONFIG_KEYS = ("method", "budget", "alpha", "rank", "lr", "weight_decay", "bits")
+FRONT_COST = {False: "trainable_params", True: "storage_bytes"}  # multi_objective -> the front's second objective
 EQUAL_BUDGET_METHODS = ("lora", "adapter")  # baselines the final phase runs at the selected SPT plan's budget
 SELECTED_FILE = "selected.parquet"
 SELECTED_SCHEMA = pa.schema([SCHEMA.field("sweep")] + [SCHEMA.field(c) for c in SELECTION_COLUMNS])
@@ -76,17 +78,49 @@ def _rank_key(row: dict[str, Any]) -> tuple:
     return row["val_acc"], -(row["trainable_params"] or 0), tuple(-ord(c) for c in row["trial_id"])
 
 
-def pareto_front(table: pa.Table) -> dict[str, list[dict[str, Any]]]:
-    """Per task, the candidates not dominated in (val_acc max, trainable_params min), by parameters."""
+def pareto_front(table: pa.Table, cost: str = "trainable_params") -> dict[str, list[dict[str, Any]]]:
+    """Per task, the candidates not dominated in (val_acc max, `cost` min), by cost. `cost` is the second
+    objective of the sweep's mode (FRONT_COST): trainable parameters, or in multi-objective mode the
+    storage bytes of the task delta (which low-bit adapters shrink without changing the parameters)."""
+    if cost not in FRONT_COST.values():
+        raise ValueError(f"the front's cost must be one of {sorted(FRONT_COST.values())}, got {cost!r}")
     rows = candidates(table)
     fronts: dict[str, list[dict[str, Any]]] = {}
     for task in sorted({r["task"] for r in rows}):
         mine = [r for r in rows if r["task"] == task]
         front = [r for r in mine if not any(
-            o["val_acc"] >= r["val_acc"] and o["trainable_params"] <= r["trainable_params"]
-            and (o["val_acc"] > r["val_acc"] or o["trainable_params"] < r["trainable_params"]) for o in mine)]
-        fronts[task] = sorted(front, key=lambda r: (r["trainable_params"], r["trial_id"]))
+            o["val_acc"] >= r["val_acc"] and o[cost] <= r[cost]
+            and (o["val_acc"] > r["val_acc"] or o[cost] < r[cost]) for o in mine)]
+        fronts[task] = sorted(front, key=lambda r: (r[cost], r["trial_id"]))
     return fronts
+
+
+def front_cost(storage: Storage, sweep: str) -> str:
+    """The cost objective of sweep `sweep`'s mode, from the spec.json the driver recorded."""
+    path = storage.path("sweeps", sweep, "spec.json")
+    multi = storage.exists(path) and bool(json.loads(storage.read_bytes(path)).get("multi_objective"))
+    return FRONT_COST[multi]
+
+
+def front_label(trial_id: str) -> str:
+    """The final-phase label of a front configuration other than the selected one ("best")."""
+    return f"front-{trial_id}"
+
+
+def front_with_test(fronts: Mapping[str, list[dict[str, Any]]], final: Mapping[str, Mapping[str, dict[str, Any]]],
+                    selected: Mapping[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each front point with the test accuracy of its final runs (`summarize_final`'s output): under "best"
+    for the selected trial, under `front_label` for the others; None where it has no final runs."""
+    out = {}
+    for task, front in fronts.items():
+        chosen = (selected.get(task) or {}).get("trial_id")
+        rows = []
+        for r in front:
+            e = final.get(task, {}).get("best" if r["trial_id"] == chosen else front_label(r["trial_id"]))
+            rows.append({**r, "selected": r["trial_id"] == chosen, "test_mean": e["mean"] if e else None,
+                         "test_std": e["std"] if e else None, "seeds": e["n"] if e else 0})
+        out[task] = rows
+    return out
 
 
 # ---- the persisted selection ----------------------------------------------------------------------
@@ -115,9 +149,10 @@ def read_selection(storage: Storage, sweep: str) -> dict[str, dict[str, Any]] | 
 
 
 # ---- the final phase ------------------------------------------------------------------------------
-def final_configs(spec: SweepSpec, best: Mapping[str, dict[str, Any]],
-                  layouts: Mapping[str, ModelLayout]) -> list[dict[str, Any]]:
-    """Runs of the final phase: (best config of each task + each baseline) x seeds.
+def final_configs(spec: SweepSpec, best: Mapping[str, dict[str, Any]], layouts: Mapping[str, ModelLayout],
+                  fronts: Mapping[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """Runs of the final phase: (best config of each task + each other point of its Pareto front, when
+    `fronts` is given (multi-objective mode) + each baseline) x seeds.
 
     Uniform LoRA / Adapter baselines get the rank AND target matrices whose trainable parameters come
     closest to the selected SPT plan's (`match_uniform` on the task's layout); `reference_params` (SPT's
@@ -133,6 +168,10 @@ def final_configs(spec: SweepSpec, best: Mapping[str, dict[str, Any]],
             reference = selected["trainable_params"]
             labelled.append(("best", {**{k: selected[k] for k in CONFIG_KEYS}, "reference_params": reference},
                              selected["trial_id"]))
+        for point in (fronts or {}).get(task, []):  # the whole front gets test numbers, not only its top
+            if selected is None or point["trial_id"] != selected["trial_id"]:
+                labelled.append((front_label(point["trial_id"]), {**{k: point[k] for k in CONFIG_KEYS},
+                                 "reference_params": point["trainable_params"]}, point["trial_id"]))
         for cfg in base:
             if selected is not None and cfg["method"] in EQUAL_BUDGET_METHODS:
                 choice = match_uniform(layouts[task], reference, cfg["method"])
@@ -141,7 +180,7 @@ def final_configs(spec: SweepSpec, best: Mapping[str, dict[str, Any]],
             labelled.append((cfg["method"], cfg, None))
         for label, cfg, source in labelled:
             for seed in spec.final_seeds:
-                runs.append({**cfg, "task": task, "label": label, "seed": int(seed), "searched": label == "best",
+                runs.append({**cfg, "task": task, "label": label, "seed": int(seed), "searched": source is not None,
                              "source_trial": source, "run_id": f"{task}/{label}/seed{seed}"})
     return runs
 
@@ -170,5 +209,5 @@ def summarize_final(table: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-__all__ = ["CONFIG_KEYS", "SELECTION_COLUMNS", "candidates", "final_configs", "pareto_front", "persist_selection",
-           "read_selection", "select_best", "summarize_final"]
+__all__ = ["CONFIG_KEYS", "FRONT_COST", "SELECTION_COLUMNS", "candidates", "final_configs", "front_cost", "front_label",
+           "front_with_test", "pareto_front", "persist_selection", "read_selection", "select_best", "summarize_final"]
