@@ -10,22 +10,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ("sensitivity_vs_step", "spt_vs_lora_step_time", "spt_vs_lora_peak_mem", "spt_vs_full_peak_mem",
-          "sparse_grad_vs_dense", "ranking_bytes_fraction", "sweep_overhead_fraction", "results_query_s")
+FIELDS = ("sparse_layer_vs_dense_bf16_p001", "sparse_layer_vs_dense_bf16_p01", "lora_vs_peft_step_time",
+          "spt_vs_lora_step_time", "spt_vs_full_peak_mem_b64", "quick_run_s", "sensitivity_vs_step",
+          "spt_vs_lora_peak_mem", "sparse_grad_vs_dense", "ranking_bytes_fraction", "sweep_overhead_fraction",
+          "results_query_s")
 
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def test_bench_quick_tiny_writes_every_field(tmp_path):
-    out = tmp_path / "results.json"
+def _bench(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "SPT_BENCH_TINY": "1", "HF_HUB_OFFLINE": "1", "SPT_NO_PROGRESS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_bench_quick_tiny_writes_every_field_and_keeps_other_keys(tmp_path):
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"store": {"owner": "another benchmark"}, "sparse_grad_vs_dense": "stale"}))
+    proc = _bench("--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads(out.read_text())
+    assert results["store"] == {"owner": "another benchmark"}  # read-modify-write: other objects stay
     assert results["settings"]["mode"] == "tiny"
     for field in FIELDS:
         assert field in results, field
@@ -36,12 +47,28 @@ def test_bench_quick_tiny_writes_every_field(tmp_path):
             assert set(value) == {"0.1%", "1%"} and all(_number(v) for v in value.values())
         else:
             assert _number(value), (field, value)
-    env_info = results["environment"]
-    for key in ("torch", "timm", "device_name", "cpu_count", "torch_threads", "date_utc", "git_commit"):
-        assert key in env_info, key
+    assert results["lora_vs_peft_step_time"] is not None or "peft" in results["reasons"]["lora_vs_peft_step_time"]
+    assert all(results["raw"]["sparse_layer"][k]["kernel"] == "sddmm" for k in ("0.1%", "1%"))  # bf16 fast path
+    for key in ("machine", "date", "command", "versions"):
+        assert results[key], key
+    assert results["command"].startswith("python bench/run.py --quick")
+    for key in ("torch", "timm", "python"):
+        assert results["versions"][key], key
+    for key in ("device_name", "cpu_count", "torch_threads", "date_utc", "git_commit", "load_avg_start"):
+        assert key in results["environment"], key
     assert results["cost_model"]["rows"], results["cost_model"]
-    assert "| sensitivity_vs_step" in proc.stdout  # the printed table
+    assert "| sparse_layer_vs_dense_bf16_p001" in proc.stdout  # the printed table
     assert str(ROOT) not in out.read_text()  # no path of the measuring machine in the results
+    table = _bench("--readme-table", "--out", str(out))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("| figure |") and all(any(f"`{f}`" in line for line in lines) for f in FIELDS)
+
+
+def test_gpu_mode_without_cuda_is_refused_in_one_line(tmp_path):
+    proc = _bench("--gpu", "--device", "cpu", "--out", str(tmp_path / "r.json"))
+    assert proc.returncode != 0 and not (tmp_path / "r.json").exists()
+    assert "--gpu needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_ablation_shuffled_map_keeps_scores_and_moves_them():

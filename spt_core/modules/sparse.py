@@ -98,19 +98,22 @@ class SparseDeltaLinear(torch.autograd.Function):
         else:
             kept, kept_cols = x_c, cols
             pattern = pattern if used_cols is None else None  # a pattern over used_cols does not fit x
-        ctx.save_for_backward(kept, weight, delta, rows, cols, kept_cols)
+        # Under autocast the low-precision merged weight is kept for the backward, as autocast keeps the cast
+        # weight of a plain Linear (half the bytes of the weight); in full precision it is rebuilt instead.
+        ctx.keep_w = dtype != weight.dtype
+        ctx.save_for_backward(kept, weight, delta, rows, cols, kept_cols, w if ctx.keep_w else None)
         ctx.pattern, ctx.x_dtype = pattern, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return F.linear(x_c, w, None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
-        kept, weight, delta, rows, cols, kept_cols = ctx.saved_tensors
+        kept, weight, delta, rows, cols, kept_cols, w = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         k2 = kept.reshape(-1, kept.shape[-1])
         grad_x = grad_w = grad_b = grad_delta = None
         if ctx.needs_input_grad[0]:
-            w = merged_weight(weight, rows, cols, delta, g2.dtype)
+            w = w.to(g2.dtype) if ctx.keep_w else merged_weight(weight, rows, cols, delta, g2.dtype)
             grad_x = (g2 @ w).reshape(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (g2.t() @ k2.to(g2.dtype)).to(weight.dtype)  # kept is all of x when the weight trains

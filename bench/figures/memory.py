@@ -1,0 +1,201 @@
+"""Peak memory of each configuration, one fresh subprocess each."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+
+from .common import ROOT, WORKER, ModelSpec, Runner, autocast_ctx, build_plans, make_batches
+
+
+
+def _rss_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process: Linux clear_refs, value 5."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: plan built on a meta model, then baseline, model, surgery, steps, peak."""
+    import resource
+
+    torch.set_num_threads(int(args["threads"]))
+    spec = ModelSpec(tiny=args["tiny"])
+    device = args["device"]
+    plans, _ = build_plans(spec, (args["config"],))
+    plan = plans[args["config"]]
+    x, y = make_batches(spec, args["batch"], 1, device)[0]
+    gc.collect()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        method = "torch.cuda.max_memory_allocated() minus memory_allocated() before the model is built"
+    else:
+        reset = _reset_peak_rss()
+        base = (_rss_kb("VmRSS") or 0) * 1024
+        method = ("peak RSS (VmHWM, reset via /proc/self/clear_refs after imports and plan building) minus "
+                  "the RSS at that point" if reset else
+                  "ru_maxrss (process lifetime peak) minus the RSS after imports and plan building")
+        live = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        method += (f", glibc MALLOC_MMAP_THRESHOLD_={live} (freed tensors leave the RSS)" if live else
+                   ", glibc default allocator settings (RSS includes freed heap blocks)")
+    runner = Runner(spec, plan, device, args["amp"], grad_checkpointing=bool(args.get("grad_checkpointing")))
+    for _ in range(args["steps"]):
+        runner.step(x, y)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        hwm = _rss_kb("VmHWM") if reset else None
+        peak = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    model = runner.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    runner.model.set_grad_checkpointing(False)  # the saved-tensor count is the no-checkpointing context figure
+    return {"config": args["config"], "batch": args["batch"], "peak_bytes": int(peak - base),
+            "baseline_bytes": int(base), "grad_checkpointing": bool(args.get("grad_checkpointing")),
+            "absolute_peak_bytes": int(peak), "method": method, "steps": args["steps"],
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "trainable_params_with_head": trainable,
+            "saved_bytes_per_image": saved_activation_bytes(model, x[:1], y[:1], device, args["amp"])}
+
+
+def saved_activation_bytes(model, x, y, device, amp: bool) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves for the backward in one training forward
+    (the activation memory a training step holds at its peak, per image when x holds one image)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            key = t.untyped_storage().data_ptr()
+            if key not in params:
+                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_ctx(device, amp):
+        loss = F.cross_entropy(model(x).float(), y)
+    del loss
+    return int(sum(seen.values()))
+
+
+# glibc malloc keeps freed blocks up to a dynamic threshold (growing to 32 MiB) in its heap instead of returning
+# them to the OS, so a process's RSS also counts freed tensor memory. With a fixed 1 MiB mmap threshold every
+# tensor of 1 MiB or more is mapped and unmapped on its own and the peak RSS follows the live tensors: the CPU
+# analogue of torch.cuda.max_memory_allocated (which leaves out the caching allocator's reserve).
+LIVE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def measure_memory(spec: ModelSpec, configs: tuple[str, ...], *, batches: tuple[int, ...], device, amp: bool,
+                   steps: int, threads: int, grad_checkpointing: bool, log: Callable[[str], None],
+                   timeout: float = 900) -> dict[str, Any]:
+    """Peak memory of every configuration at every batch size, one fresh subprocess each (on a CPU the
+    configurations of one batch run at the same time: each one's peak RSS is its own; on CUDA one after the
+    other), with the live-tensor allocator setting (LIVE_ALLOCATOR_ENV). With two or more batch sizes, peak =
+    fixed + batch x per-image is fitted per configuration through the smallest and largest, and projected
+    to batch 64: what a CPU cannot run in the benchmark's time is extrapolated from what it ran."""
+    out: dict[str, Any] = {"batches": list(batches), "steps": steps, "grad_checkpointing": grad_checkpointing,
+                           "runs": {name: {} for name in configs}}
+    parallel = torch.device(device).type != "cuda"
+    env = {**os.environ, **LIVE_ALLOCATOR_ENV}
+
+    def start(name, batch):
+        args = {"config": name, "tiny": spec.tiny, "device": str(device), "batch": batch, "amp": amp,
+                "steps": steps, "threads": max(1, threads // len(configs)) if parallel else threads,
+                "grad_checkpointing": grad_checkpointing}
+        return subprocess.Popen([sys.executable, str(WORKER), "memory", json.dumps(args)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT), env=env)
+
+    def finish(name, batch, proc):
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            stderr = (stderr or "") + f"\ntimed out after {timeout:.0f} s"
+        if proc.returncode != 0 or not stdout.strip():
+            lines = (stderr or "").strip().splitlines()
+            out["runs"][name][batch] = {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
+            log(f"  memory {name} batch {batch}: failed ({out['runs'][name][batch]['error']})")
+            return
+        out["runs"][name][batch] = json.loads(stdout.strip().splitlines()[-1])
+        log(f"  memory {name} batch {batch}: {out['runs'][name][batch]['peak_bytes'] / 2**20:.0f} MiB")
+
+    for batch in batches:
+        if parallel:
+            procs = {name: start(name, batch) for name in configs}
+            for name, proc in procs.items():
+                finish(name, batch, proc)
+        else:
+            for name in configs:
+                finish(name, batch, start(name, batch))
+    out.update(project(out["runs"], batches))
+    out["without_checkpointing"] = saved_bytes_projection(out["runs"], max(batches))
+    return out
+
+
+def project(runs: dict[str, dict[int, dict[str, Any]]], batches: tuple[int, ...], target: int = 64) -> dict[str, Any]:
+    """Per configuration: the peak at the largest batch measured, the line through the smallest and largest
+    batch (fixed MiB + MiB per image) and its value at `target`; SPT / full and SPT / LoRA of both."""
+    lo, hi = min(batches), max(batches)
+    fit: dict[str, Any] = {}
+    for name, by_batch in runs.items():
+        a, b = (by_batch.get(lo) or {}).get("peak_bytes"), (by_batch.get(hi) or {}).get("peak_bytes")
+        if not b:
+            continue
+        per_image = (b - a) / (hi - lo) if a and hi > lo else None
+        fit[name] = {"measured_batch": hi, "peak_mib": b / 2**20,
+                     "per_image_mib": None if per_image is None else per_image / 2**20,
+                     "fixed_mib": None if per_image is None else (b - hi * per_image) / 2**20}
+        fit[name][f"at_{target}_mib"] = (b / 2**20 if hi == target else None if per_image is None else
+                                         fit[name]["fixed_mib"] + target * fit[name]["per_image_mib"])
+    ratios: dict[str, Any] = {"fit": fit}
+    for other in ("full", "lora"):
+        if "spt" in fit and other in fit:
+            ratios[f"spt_vs_{other}_measured"] = fit["spt"]["peak_mib"] / fit[other]["peak_mib"]
+            at = fit["spt"][f"at_{target}_mib"], fit[other][f"at_{target}_mib"]
+            ratios[f"spt_vs_{other}_at_{target}"] = at[0] / at[1] if all(at) else None
+    return ratios
+
+
+def saved_bytes_projection(runs: dict[str, dict[int, dict[str, Any]]], batch: int) -> dict[str, Any] | None:
+    """Without checkpointing, for context: fixed = parameters + 12 bytes per trainable parameter (gradient and
+    two AdamW moments), activations = batch x the bytes autograd saves per image (saved-tensor hook)."""
+    cfg = {}
+    for name, by_batch in runs.items():
+        m = by_batch.get(batch) or {}
+        if not m.get("saved_bytes_per_image"):
+            return None
+        cfg[name] = {"fixed_mib": (m["param_bytes"] + 12 * m["trainable_params_with_head"]) / 2**20,
+                     "saved_mib_per_image": m["saved_bytes_per_image"] / 2**20}
+    if "spt" not in cfg or "full" not in cfg:
+        return {"configs": cfg}
+
+    def at(name: str, b: int) -> float:
+        return cfg[name]["fixed_mib"] + b * cfg[name]["saved_mib_per_image"]
+
+    return {"configs": cfg, "spt_vs_full_at_64": at("spt", 64) / at("full", 64)}

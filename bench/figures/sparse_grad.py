@@ -1,0 +1,124 @@
+"""The sparse delta's gradient against a dense trainable weight's."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+
+from .common import median, sync
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device) -> dict[str, list[float]]:
+    """Seconds per call of each function, `rounds` times in an order that rotates every round; each sample
+    repeats its function enough times to last ~20 ms (timer resolution, short kernels)."""
+
+    def timeit(fn, reps: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t0) / reps
+
+    reps = {n: max(1, min(50, math.ceil(0.02 / max(1e-6, timeit(f, 1))))) for n, f in fns.items()}
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            samples[n].append(timeit(fns[n], reps[n]))
+    return samples
+
+
+def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0.01), rounds: int = 7,
+                        device="cpu", log: Callable[[str], None]) -> dict[str, Any]:
+    """One d x d matrix, `tokens` tokens. Gradient of the K selected entries: our SDDMM path (sampled_grad on
+    the CSR pattern, what SparseDeltaLinear's backward runs) vs the naive path (dense G^T X, then gather the
+    K entries). Also the whole layer backward (grad_x + entry gradients) vs a dense trainable weight."""
+    from spt_core.modules.sparse import csr_pattern, sampled_grad, sparse_delta_linear
+
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(tokens, d, generator=g).to(device)
+    X = torch.randn(tokens, d, generator=g).to(device)
+    W = torch.randn(d, d, generator=g).to(device) * 0.02
+    out: dict[str, Any] = {"d": d, "tokens": tokens, "rounds": rounds}
+
+    for density in densities:
+        k = max(1, round(density * d * d))
+        flat = torch.sort(torch.randperm(d * d, generator=g)[:k]).values.to(device)
+        rows, cols = flat // d, flat % d
+        pattern = csr_pattern(rows, cols, (d, d))
+        delta = torch.zeros(k, device=device, requires_grad=True)
+        xg = X.clone().requires_grad_()
+        w_dense = W.clone().requires_grad_()
+        mask = torch.zeros(d, d, device=device)
+        mask[rows, cols] = 1
+
+        fns = {
+            "sddmm": lambda: sampled_grad(G, X, rows, cols, pattern),
+            "dense_masked": lambda: (G.t() @ X)[rows, cols],
+            "sparse_layer_backward": lambda: torch.autograd.grad(
+                sparse_delta_linear(xg, W, None, delta, rows, cols, pattern), (xg, delta), G),
+            "dense_layer_backward": lambda: [gr if i == 0 else gr * mask for i, gr in enumerate(torch.autograd.grad(
+                F.linear(xg, w_dense), (xg, w_dense), G))],
+        }
+        torch.testing.assert_close(fns["sddmm"](), fns["dense_masked"](), rtol=1e-3, atol=1e-2)
+        samples = interleaved(fns, rounds, device)
+        ratios = [a / b for a, b in zip(samples["sddmm"], samples["dense_masked"])]
+        layer = [a / b for a, b in zip(samples["sparse_layer_backward"], samples["dense_layer_backward"])]
+        key = f"{density * 100:g}%"
+        out[key] = {"k": k, "s_median": {n: median(v) for n, v in samples.items()},
+                    "ratio": median(ratios), "ratio_per_round": ratios, "layer_backward_ratio": median(layer)}
+        log(f"  sparse grad at {key} (K={k}): SDDMM {median(samples['sddmm']) * 1e3:.2f} ms vs dense masked "
+            f"{median(samples['dense_masked']) * 1e3:.2f} ms -> {median(ratios):.3f}")
+    return out
+
+
+def measure_sparse_layer(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0.01), rounds: int = 7,
+                         device="cpu", dtype: torch.dtype = torch.bfloat16,
+                         log: Callable[[str], None]) -> dict[str, Any]:
+    """A d x d layer under `dtype` autocast, forward + backward (input gradient included, as inside a
+    network): the sparse delta (SparseDeltaLinear on a frozen weight, bias) against a plain trainable
+    nn.Linear. Records which kernel produced the entry gradients (spt_core.modules.sparse.PATH_COUNTS)."""
+    from spt_core.modules.sparse import PATH_COUNTS, csr_pattern, sparse_delta_linear
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(tokens, d, generator=g).to(device).requires_grad_()
+    G = torch.randn(tokens, d, generator=g).to(device, dtype)
+    dense = torch.nn.Linear(d, d).to(device)
+    W, b = dense.weight.detach(), dense.bias.detach()
+    kind = torch.device(device).type
+    out: dict[str, Any] = {"d": d, "tokens": tokens, "rounds": rounds, "dtype": str(dtype).replace("torch.", "")}
+
+    def dense_step():
+        with torch.autocast(kind, dtype=dtype):
+            y = dense(X)
+        return torch.autograd.grad(y, (X, dense.weight, dense.bias), G)
+
+    for density in densities:
+        k = max(1, round(density * d * d))
+        flat = torch.sort(torch.randperm(d * d, generator=g)[:k]).values.to(device)
+        rows, cols = flat // d, flat % d
+        pattern = csr_pattern(rows, cols, (d, d))
+        delta = torch.zeros(k, device=device, requires_grad=True)
+
+        def sparse_step():
+            with torch.autocast(kind, dtype=dtype):
+                y = sparse_delta_linear(X, W, b, delta, rows, cols, pattern)
+            return torch.autograd.grad(y, (X, delta), G)
+
+        before = dict(PATH_COUNTS)
+        sparse_step()
+        path = next((n for n in PATH_COUNTS if PATH_COUNTS[n] > before[n]), "none")
+        samples = interleaved({"sparse": sparse_step, "dense": dense_step}, rounds, device)
+        ratios = [a / b for a, b in zip(samples["sparse"], samples["dense"])]
+        key = f"{density * 100:g}%"
+        out[key] = {"k": k, "kernel": path, "s_median": {n: median(v) for n, v in samples.items()},
+                    "ratio": median(ratios), "ratio_per_round": ratios}
+        log(f"  sparse layer fwd+bwd under {out['dtype']} at {key} (K={k}, {path}): "
+            f"{median(samples['sparse']) * 1e3:.2f} ms vs trainable Linear "
+            f"{median(samples['dense']) * 1e3:.2f} ms -> {median(ratios):.3f}")
+    return out

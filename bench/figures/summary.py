@@ -1,0 +1,120 @@
+"""Targets, the printed table, the README table and the notes of a bench run, all from its results dict
+(so the README's figures are exactly what bench/results.json holds)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import median
+
+# figure -> (comparison, target, what it is); the order is the table's.
+TARGETS: dict[str, tuple[str, float, str]] = {
+    "sparse_layer_vs_dense_bf16_p001": ("<=", 0.8, "sparse-delta layer fwd+bwd / trainable Linear, bf16 autocast, "
+                                                   "0.1% density"),
+    "sparse_layer_vs_dense_bf16_p01": ("<=", 0.8, "the same at 1% density"),
+    "lora_vs_peft_step_time": ("<=", 1.0, "uniform LoRA step / HF PEFT LoRA step, equal parameters"),
+    "spt_vs_lora_step_time": ("<=", 1.15, "SPT-LoRA step / uniform LoRA step, equal budget"),
+    "spt_vs_full_peak_mem_b64": ("<=", 0.60, "SPT / full fine-tuning peak memory at batch 64, grad checkpointing"),
+    "spt_vs_lora_peak_mem": ("<=", 1.10, "SPT / uniform LoRA peak memory at batch 64, grad checkpointing"),
+    "sensitivity_vs_step": ("<=", 1.1, "sensitivity pass / full fine-tuning fwd+bwd, same batches"),
+    "sparse_grad_vs_dense": ("<", 0.5, "SDDMM entry gradients / dense masked weight gradient (fp32, at 0.1%)"),
+    "ranking_bytes_fraction": ("<=", 0.05, "object-store bytes per trial / full fp32 map"),
+    "sweep_overhead_fraction": ("<=", 0.10, "smoke sweep wall time outside training and evaluation"),
+    "results_query_s": ("<", 1.0, "DuckDB GROUP BY over 1M result rows, seconds"),
+    "quick_run_s": ("<=", 600, "wall seconds of `python bench/run.py --quick`"),
+}
+FIELDS = tuple(TARGETS)
+
+
+def met(field: str, value: Any) -> bool | None:
+    if value is None:
+        return None
+    op, target, _ = TARGETS[field]
+    v = value["0.1%"] if isinstance(value, dict) else value
+    return bool(v <= target if op == "<=" else v < target)
+
+
+def _text(field: str, v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {x:.3f}" for k, x in v.items())
+    if field == "quick_run_s":
+        return f"{v:.0f} s"
+    return f"{v:.3f} s" if field == "results_query_s" else f"{v:.3f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The run's figures as an aligned text table, with the machine line and the reasons for nulls."""
+    rows = [("figure", "value", "target", "met")]
+    for f in FIELDS:
+        m = met(f, results.get(f))
+        rows.append((f, _text(f, results.get(f)), results["targets"][f], "-" if m is None else ("yes" if m else "NO")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines.append(machine_line(results))
+    for f, why in results["reasons"].items():
+        lines.append(f"  {f}: null - {why}")
+    return "\n".join(lines)
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    env, st = results["environment"], results["settings"]
+    return (f"{results['machine']}, {env['torch_threads']} torch threads, load average "
+            f"{env['load_avg_start'][0]:.1f} -> {env['load_avg_end'][0]:.1f}; torch {env['torch']}, timm "
+            f"{env['timm']}, peft {env.get('peft')}; {st['mode']} mode: {st['model']} at {st['img_size']} px, "
+            f"step batch {st['batch']}; commit {str(env.get('git_commit'))[:10]}, {results['date']}; "
+            f"`{results['command']}`")
+
+
+def readme_table(results: dict[str, Any]) -> str:
+    """The README's benchmark table (markdown), generated from bench/results.json."""
+    lines = ["| figure | what | value | target | met |", "|---|---|---|---|---|"]
+    for f in FIELDS:
+        op, target, what = TARGETS[f]
+        m = met(f, results.get(f))
+        lines.append(f"| `{f}` | {what} | {_text(f, results.get(f))} | {op} {target:g} | "
+                     f"{'-' if m is None else ('yes' if m else 'no')} |")
+    lines.append("")
+    lines.append(machine_line(results) + ".")
+    for f, why in (results.get("reasons") or {}).items():
+        lines.append(f"- `{f}` null: {why}")
+    lines.extend(f"- {n}" for n in results.get("notes") or [])
+    return "\n".join(lines)
+
+
+def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """Context for reading the figures, with numbers from this run."""
+    n: list[str] = []
+    st = raw.get("steps") or {}
+    if st.get("step_s_median"):
+        n.append("median step: " + ", ".join(f"{k} {v:.3f} s" for k, v in st["step_s_median"].items())
+                 + f" at batch {st['batch']} ({st['rounds']} interleaved rounds)")
+    rounds = st.get("spt_vs_lora_per_round") or []
+    if rounds:
+        n.append(f"SPT/LoRA step per round: {min(rounds):.3f}..{max(rounds):.3f} (median {median(rounds):.3f})")
+    lp = raw.get("lora_peft") or {}
+    if lp.get("ratio_per_round"):
+        n.append(f"LoRA vs PEFT on {lp['arch']} at batch {lp['batch']}, rank {lp['rank']} ({lp['trainable_params']}"
+                 f" trainable): per round {min(lp['ratio_per_round']):.3f}..{max(lp['ratio_per_round']):.3f}")
+    sl = raw.get("sparse_layer") or {}
+    for key in ("0.1%", "1%"):
+        if key in sl:
+            n.append(f"sparse layer at {key}: K={sl[key]['k']}, entry gradients by the {sl[key]['kernel']} kernel, "
+                     f"per round {min(sl[key]['ratio_per_round']):.3f}..{max(sl[key]['ratio_per_round']):.3f}")
+    mem = raw.get("memory") or {}
+    fit = mem.get("fit") or {}
+    if fit:
+        n.append("peak memory (live-tensor RSS, grad checkpointing " + ("on" if mem.get("grad_checkpointing")
+                 else "off") + f", batches {mem.get('batches')}): " + ", ".join(
+                     f"{k} {v['peak_mib']:.0f} MiB at batch {v['measured_batch']}"
+                     + (f" = {v['fixed_mib']:.0f} + {v['per_image_mib']:.1f}/image -> {v['at_64_mib']:.0f} at 64"
+                        if v.get("per_image_mib") is not None else "") for k, v in fit.items()))
+    wo = mem.get("without_checkpointing") or {}
+    if wo.get("spt_vs_full_at_64"):
+        n.append(f"without checkpointing (saved-tensor bytes per image + fixed): SPT/full at batch 64 "
+                 f"{wo['spt_vs_full_at_64']:.2f}")
+    if settings["mode"] == "tiny":
+        n.append("tiny mode: plumbing check only, the figures are not representative")
+    return n
