@@ -56,9 +56,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                  step_configs=("lora", "spt"), peft=dict(peft, batch=2, rounds=2, img_size=32,
                                                           model_kwargs=dict(patch_size=8, depth=2)))
     elif args.quick:
-        s = dict(mode="quick", batch=2, rounds=5, warmup=1, sens_batches=1, sens_rounds=3, mem_steps=1,
+        s = dict(mode="quick", batch=2, rounds=4, warmup=1, sens_batches=1, sens_rounds=2, mem_steps=1,
                  mem_batches=(1, 2), sparse_rounds=5, result_rows=1_000_000, sweep=False, query=False,
-                 calibrate=False, step_configs=("lora", "spt"), peft=peft)
+                 calibrate=False, step_configs=("lora", "spt"), peft=dict(peft, rounds=5))
     else:
         s = dict(mode="gpu" if args.gpu else "full", batch=64, rounds=10, warmup=3, sens_batches=4, sens_rounds=4,
                  mem_steps=3, mem_batches=(64,), sparse_rounds=15, result_rows=1_000_000, sweep=not args.gpu,
@@ -241,6 +241,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                                       "results view (dedup_query_vs_raw)")
 
     total = time.perf_counter() - started
+    cpu = os.times()  # CPU seconds of this run and its subprocesses: what the run costs, whatever the load
+    env["run_cpu_s"] = cpu.user + cpu.system + cpu.children_user + cpu.children_system
     if s["mode"] == "quick":
         out["quick_run_s"] = total
     else:

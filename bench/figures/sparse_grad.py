@@ -12,16 +12,20 @@ from torch.nn import functional as F
 from .common import median, sync
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function, `rounds` times in an order that rotates every round; each sample
-    repeats its function enough times to last ~20 ms (timer resolution, short kernels)."""
+    repeats its function enough times to last ~20 ms (timer resolution, short kernels). `cpu`, if given,
+    receives this process's CPU seconds per call too (less sensitive to other processes on a shared CPU)."""
 
-    def timeit(fn, reps: int) -> float:
+    def timeit(fn, reps: int, name: str | None = None) -> float:
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(reps):
             fn()
         sync(device)
+        if cpu is not None and name is not None:
+            cpu.setdefault(name, []).append((time.process_time() - c0) / reps)
         return (time.perf_counter() - t0) / reps
 
     reps = {n: max(1, min(50, math.ceil(0.02 / max(1e-6, timeit(f, 1))))) for n, f in fns.items()}
@@ -29,8 +33,20 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device) -> dict[
     names = list(fns)
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            samples[n].append(timeit(fns[n], reps[n]))
+            samples[n].append(timeit(fns[n], reps[n], n))
     return samples
+
+
+def random_entries(d: int, density: float, g: torch.Generator, device):
+    """K = density x d^2 distinct positions of a d x d matrix, uniformly at random (no row or column
+    concentration: the worst case for the SDDMM's layout copies), their CSR pattern and a zero delta."""
+    from spt_core.modules.sparse import csr_pattern
+
+    k = max(1, round(density * d * d))
+    flat = torch.sort(torch.randperm(d * d, generator=g)[:k]).values.to(device)
+    rows, cols = flat // d, flat % d
+    delta = torch.zeros(k, device=device, requires_grad=True)
+    return k, rows, cols, csr_pattern(rows, cols, (d, d)), delta
 
 
 def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0.01), rounds: int = 7,
@@ -38,7 +54,7 @@ def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0
     """One d x d matrix, `tokens` tokens. Gradient of the K selected entries: our SDDMM path (sampled_grad on
     the CSR pattern, what SparseDeltaLinear's backward runs) vs the naive path (dense G^T X, then gather the
     K entries). Also the whole layer backward (grad_x + entry gradients) vs a dense trainable weight."""
-    from spt_core.modules.sparse import csr_pattern, sampled_grad, sparse_delta_linear
+    from spt_core.modules.sparse import sampled_grad, sparse_delta_linear
 
     g = torch.Generator().manual_seed(0)
     G = torch.randn(tokens, d, generator=g).to(device)
@@ -47,11 +63,7 @@ def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0
     out: dict[str, Any] = {"d": d, "tokens": tokens, "rounds": rounds}
 
     for density in densities:
-        k = max(1, round(density * d * d))
-        flat = torch.sort(torch.randperm(d * d, generator=g)[:k]).values.to(device)
-        rows, cols = flat // d, flat % d
-        pattern = csr_pattern(rows, cols, (d, d))
-        delta = torch.zeros(k, device=device, requires_grad=True)
+        k, rows, cols, pattern, delta = random_entries(d, density, g, device)
         xg = X.clone().requires_grad_()
         w_dense = W.clone().requires_grad_()
         mask = torch.zeros(d, d, device=device)
@@ -83,7 +95,7 @@ def measure_sparse_layer(*, d: int = 768, tokens: int = 1576, densities=(0.001, 
     """A d x d layer under `dtype` autocast, forward + backward (input gradient included, as inside a
     network): the sparse delta (SparseDeltaLinear on a frozen weight, bias) against a plain trainable
     nn.Linear. Records which kernel produced the entry gradients (spt_core.modules.sparse.PATH_COUNTS)."""
-    from spt_core.modules.sparse import PATH_COUNTS, csr_pattern, sparse_delta_linear
+    from spt_core.modules.sparse import PATH_COUNTS, sparse_delta_linear
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(tokens, d, generator=g).to(device).requires_grad_()
@@ -99,11 +111,7 @@ def measure_sparse_layer(*, d: int = 768, tokens: int = 1576, densities=(0.001, 
         return torch.autograd.grad(y, (X, dense.weight, dense.bias), G)
 
     for density in densities:
-        k = max(1, round(density * d * d))
-        flat = torch.sort(torch.randperm(d * d, generator=g)[:k]).values.to(device)
-        rows, cols = flat // d, flat % d
-        pattern = csr_pattern(rows, cols, (d, d))
-        delta = torch.zeros(k, device=device, requires_grad=True)
+        k, rows, cols, pattern, delta = random_entries(d, density, g, device)
 
         def sparse_step():
             with torch.autocast(kind, dtype=dtype):
@@ -113,11 +121,13 @@ def measure_sparse_layer(*, d: int = 768, tokens: int = 1576, densities=(0.001, 
         before = dict(PATH_COUNTS)
         sparse_step()
         path = next((n for n in PATH_COUNTS if PATH_COUNTS[n] > before[n]), "none")
-        samples = interleaved({"sparse": sparse_step, "dense": dense_step}, rounds, device)
+        cpu: dict[str, list[float]] = {}
+        samples = interleaved({"sparse": sparse_step, "dense": dense_step}, rounds, device, cpu)
         ratios = [a / b for a, b in zip(samples["sparse"], samples["dense"])]
         key = f"{density * 100:g}%"
         out[key] = {"k": k, "kernel": path, "s_median": {n: median(v) for n, v in samples.items()},
-                    "ratio": median(ratios), "ratio_per_round": ratios}
+                    "ratio": median(ratios), "ratio_per_round": ratios,
+                    "cpu_time_ratio": median([a / b for a, b in zip(cpu["sparse"], cpu["dense"])])}
         log(f"  sparse layer fwd+bwd under {out['dtype']} at {key} (K={k}, {path}): "
             f"{median(samples['sparse']) * 1e3:.2f} ms vs trainable Linear "
             f"{median(samples['dense']) * 1e3:.2f} ms -> {median(ratios):.3f}")

@@ -62,7 +62,8 @@ def format_table(results: dict[str, Any]) -> str:
 def machine_line(results: dict[str, Any]) -> str:
     env, st = results["environment"], results["settings"]
     return (f"{results['machine']}, {env['torch_threads']} torch threads, load average "
-            f"{env['load_avg_start'][0]:.1f} -> {env['load_avg_end'][0]:.1f}; torch {env['torch']}, timm "
+            f"{env['load_avg_start'][0]:.1f} -> {env['load_avg_end'][0]:.1f} (CPU time of the run "
+            f"{env.get('run_cpu_s', float('nan')):.0f} s); torch {env['torch']}, timm "
             f"{env['timm']}, peft {env.get('peft')}; {st['mode']} mode: {st['model']} at {st['img_size']} px, "
             f"step batch {st['batch']}; commit {str(env.get('git_commit'))[:10]}, {results['date']}; "
             f"`{results['command']}`")
@@ -102,7 +103,8 @@ def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     for key in ("0.1%", "1%"):
         if key in sl:
             n.append(f"sparse layer at {key}: K={sl[key]['k']}, entry gradients by the {sl[key]['kernel']} kernel, "
-                     f"per round {min(sl[key]['ratio_per_round']):.3f}..{max(sl[key]['ratio_per_round']):.3f}")
+                     f"per round {min(sl[key]['ratio_per_round']):.3f}..{max(sl[key]['ratio_per_round']):.3f}, "
+                     f"by this process's CPU time {sl[key]['cpu_time_ratio']:.3f}")
     mem = raw.get("memory") or {}
     fit = mem.get("fit") or {}
     if fit:
