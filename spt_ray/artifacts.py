@@ -52,12 +52,13 @@ def find_checkpoint(storage: str | Storage, trial_id: str, sweep: str | None = N
     (storage, the checkpoint's path on `storage.fs`): local folders and bucket URIs alike."""
     storage = storage if isinstance(storage, Storage) else Storage.of(storage)
     tune_root = storage.path("tune")
-    experiments = [n for n, is_dir in _listing(storage, tune_root) if is_dir and (sweep is None or
-                                                                                   n.startswith(f"{sweep}-"))]
-    if not experiments and not any(is_dir for _, is_dir in _listing(storage, tune_root)):
+    entries = _listing(storage, tune_root)
+    if not any(is_dir for _, is_dir in entries):
         raise ValueError(f"{storage.root} holds no Tune experiments; pass the --storage a sweep wrote to")
+    experiments = [n for n, is_dir in entries if is_dir and (sweep is None or n.startswith(f"{sweep}-"))]
     trial_dirs = sorted(f"{tune_root}/{exp}/{n}" for exp in experiments
-                        for n, is_dir in _listing(storage, f"{tune_root}/{exp}") if is_dir and n.endswith(f"-{trial_id}"))
+                        for n, is_dir in _listing(storage, f"{tune_root}/{exp}")
+                        if is_dir and n.endswith(f"-{trial_id}"))
     if not trial_dirs:
         raise ValueError(f"no trial {trial_id!r} under {storage.uri('tune')}; list trials with "
                          f"`spt-ray results query \"SELECT DISTINCT task, trial_id FROM results\"`")
@@ -113,7 +114,8 @@ def merged_usage(out: str | Path) -> str:
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
     kwargs = "".join(f", {k}={v!r}" for k, v in json.loads(meta["timm_kwargs"]).items())
-    return (f"timm.create_model({meta['timm_model']!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(path)!r}, "
+    return (f"timm.create_model({meta['timm_model']!r}, pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file={str(path)!r}, "
             f"num_classes={meta['num_classes']}){kwargs})")
 
 

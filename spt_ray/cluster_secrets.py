@@ -2,8 +2,8 @@
 
 A config is shared and committed; a key in it (even in a comment) leaks. Keys whose names sound secret
 with literal values, well-known token shapes anywhere in the text, and KEY=value / --token value in
-commands are refused. `$VAR` references are not secrets: the value stays in the node's environment; neither are Kubernetes
-`valueFrom: secretKeyRef` entries (only a literal `value` is refused).
+commands are refused. `$VAR` references are not secrets: the value stays in the node's environment;
+neither are Kubernetes `valueFrom: secretKeyRef` entries (only a literal `value` is refused).
 Messages name the field or line, never the value.
 """
 
