@@ -1,15 +1,16 @@
 """`run_sweep(spec)`: the one entry point (CLI, sweep scripts, tests) for a whole sweep, on a laptop or a cluster.
 
-The honest protocol, in two Tune experiments that share the trainable, the store and the results:
+The honest protocol, per task, in ONE Tune experiment that runs every task's phases as soon as each can
+start (spt_ray/pipeline.py: no barrier between tasks or phases):
 
-1. search: per task, Optuna proposes configurations trained on train800 and scored on val200 (ASHA
-   per task stops weak ones); baselines run once each as fixed configurations.
-2. final: the best configuration of every task, chosen by val_acc ONLY (`select_best` reads a fixed
-   list of validation columns and asserts it holds no test column), and every baseline, are retrained
-   on train800val200 with several seeds; test accuracy is evaluated once per run and reported as mean
-   and std.
+1. search: once the task's ranking has arrived, Optuna proposes configurations trained on train800 and
+   scored on val200 (ASHA per task stops weak ones); baselines run once each as fixed configurations.
+2. final: once the task's search has ended, its best configuration, chosen by val_acc ONLY
+   (`select_best` reads a fixed list of validation columns and asserts it holds no test column; the
+   selection is persisted), and every baseline are retrained on train800val200 with several seeds;
+   test accuracy is evaluated once per run and reported as mean and std.
 
-Resume: both experiments live under `<storage>/tune/<sweep>-<phase>`; with `resume=True` an
+Resume: the experiment lives under `<storage>/tune/<sweep>-sweep`; with `resume=True` an
 interrupted one continues through `Tuner.restore` with fresh ObjectRefs from the store (which reloads
 maps from disk or memory, never recomputing a stored map); finished trials are kept, unfinished ones
 continue from their last checkpoint. After each experiment every trial's log is reconciled into
@@ -18,8 +19,8 @@ nothing. Node loss: `FailureConfig(max_failures)` reschedules a trial elsewhere,
 
 Faults: nothing is written before every check passes (spt_ray/preflight.py), so a sweep that failed one
 reruns with the same command. Ctrl-C anywhere ends the sweep with SweepInterrupted (exit 130, one line
-naming `--resume`), never with a phase treated as finished; the final phase is rebuilt unless its
-record says it was built from this completed search (spt_ray/resume.py). Errors from inside Ray tasks
+naming `--resume`), never with a phase treated as finished; a task's final runs are only ever built
+from its ended search (final.json records them, spt_ray/resume.py). Errors from inside Ray tasks
 and actors are re-raised as the exception they wrap (spt_ray/faults.py).
 """
 
@@ -43,14 +44,16 @@ from spt_core.experiment import TaskRef
 from .faults import SweepInterrupted, sigint_held, tune_interrupt_messages, unwrap_ray_error
 from .preflight import check_resources, check_sweep
 from .results import ResultsCallback, ResultsWriter, RowContext, read_results, rows_from_trial_log
-from .resume import align_final, purge_rows, restorable_trials
-from .search import FixedSearcher, PerTaskScheduler, PerTaskSearcher
+from .resume import purge_rows, restorable_trials
+from .pipeline import DriverHooks, PipelineSearcher, register_hooks
+from .search import PerTaskScheduler, PerTaskSearcher
 from .selection import (CONFIG_KEYS, SELECTION_COLUMNS, final_configs, pareto_front, persist_selection,  # noqa: F401
-                        select_best, summarize_final)
+                        read_selection, select_best, summarize_final)
 from .space import RankingNeeds, fixed_configs
+from .simulate import SimulatedStep
 from .spec import SweepSpec
 from .storage import Storage
-from .store import RankingHandle, SensitivityRequest, fetch_rankings, get_store
+from .store import RankingHandle, SensitivityRequest, get_store
 from .trainable import TrialContext, make_trainable
 
 logger = logging.getLogger(__name__)
@@ -169,43 +172,47 @@ def _reconcile(experiment_path: str, ctx: RowContext, writer: ResultsWriter,
         error = trial.status == "ERROR"
         finished = trial.status in ("TERMINATED", "ERROR")
         unfinished += not finished
-        rows = rows_from_trial_log(ctx, trial.trial_id, results, error=error, finished=finished)
+        rows = rows_from_trial_log(ctx.for_phase(trial.config.get("phase")), trial.trial_id, results, error=error,
+                                   finished=finished)
         for row in rows:
             writer.put(row)
         epochs += [r for r in results if "epoch" in r]
     return epochs, unfinished
 
 
-def _run_phase(spec: SweepSpec, storage: Storage, phase: str, context: TrialContext, refs: dict[str, Any],
-               ctx: RowContext, *, searcher: Any, scheduler: Any, num_samples: int,
-               since: float) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """One Tune experiment, new or restored; returns trial counts and the epochs it ran after `since`.
+def _run_tune(spec: SweepSpec, storage: Storage, contexts: dict[str, TrialContext], futures: dict[str, Any],
+              ctx: RowContext, *, searcher: Any, scheduler: Any, since: float,
+              stage: list[str]) -> tuple[dict[str, dict[str, int]], list[dict[str, Any]]]:
+    """The sweep's one Tune experiment (both phases, pipelined per task: spt_ray/pipeline.py), new or
+    restored; returns trial counts per phase and the epochs it ran after `since`.
 
     Raises SweepInterrupted when Tune stopped with trials unfinished (Ctrl-C): after the rows of what did
-    finish are in Parquet, and before anything could treat the phase as complete.
+    finish are in Parquet, and before anything could treat a phase as complete.
     """
-    exp_name = f"{spec.name}-{phase}"
+    exp_name = f"{spec.name}-sweep"
     tune_root = storage.uri("tune")
     path = f"{tune_root}/{exp_name}"
-    trainable = make_trainable(context, refs, spec.resources.as_dict())
+    trainable = make_trainable(contexts, futures, spec.resources.as_dict())
     writer = ResultsWriter.shared(storage, spec.name)
     known = restorable_trials(storage, path)
     if known is not None and not spec.resume:
-        raise ValueError(f"sweep {spec.name!r} already has a {phase} experiment at {path}; rerun with "
+        raise ValueError(f"sweep {spec.name!r} already has an experiment at {path}; rerun with "
                          "--resume (run_sweep: resume=True) to continue it, or choose a new --name")
-    purge_rows(storage, spec.name, phase, writer, keep=known or set(),
-               reason="their trials belong to no experiment this run continues (a driver killed before Tune "
-                      "saved its state)")
+    for phase in ("search", "final"):
+        purge_rows(storage, spec.name, phase, writer, keep=known or set(),
+                   reason="their trials belong to no experiment this run continues (a driver killed before Tune "
+                          "saved its state)")
     if known is not None:
-        logger.info("resuming the %s phase from %s", phase, path)
+        logger.info("resuming the sweep's experiment from %s", path)
         tuner = Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = Tuner(
             trainable,
-            tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+            tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1,  # searcher ends it
                                    max_concurrent_trials=spec.max_concurrent, reuse_actors=spec.reuse_actors,
                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-            run_config=RunConfig(name=exp_name, storage_path=tune_root, callbacks=[ResultsCallback(storage.root, ctx)],
+            run_config=RunConfig(name=exp_name, storage_path=tune_root,
+                                 callbacks=[ResultsCallback(storage.root, ctx)],
                                  failure_config=FailureConfig(max_failures=spec.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2), verbose=0),
         )
@@ -214,31 +221,37 @@ def _run_phase(spec: SweepSpec, storage: Storage, phase: str, context: TrialCont
     t1 = time.perf_counter()
     epochs, unfinished = _reconcile(grid.experiment_path, ctx, writer, storage)
     writer.flush()
-    logger.info("%s phase: Tune %.1fs, reconciliation %.1fs", phase, t1 - t0, time.perf_counter() - t1)
+    logger.info("sweep: Tune %.1fs, reconciliation %.1fs", t1 - t0, time.perf_counter() - t1)
     if unfinished:
-        raise SweepInterrupted(spec.name, f"the {phase} phase")
-    counts: dict[str, int] = {}
+        raise SweepInterrupted(spec.name, stage[0])
+    for task in spec.tasks:  # rows the reconciliation added after a phase ended go into its file too
+        for phase in ("search", "final"):
+            writer.compact(task, phase)
+    writer.flush()
+    counts: dict[str, dict[str, int]] = {}
     for r in grid:
         status = "error" if r.error else "ok"
-        counts[status] = counts.get(status, 0) + 1
+        phase_counts = counts.setdefault((r.config or {}).get("phase", "search"), {})
+        phase_counts[status] = phase_counts.get(status, 0) + 1
     return counts, [r for r in epochs if r.get("timestamp", 0) >= int(since)]
-    for task in spec.tasks:  # the phase ended: one file per task (spt_ray/result_files.py)
-        writer.compact(task, phase)
-    writer.flush()
 
 
 def trial_name(trial: Any) -> str:
     """Short, stable trial names and directories (Tune's default packs the whole config into them)."""
     cfg = trial.config
-    return f"{cfg.get('task', 'task')}-{cfg.get('label') or cfg.get('method', 'run')}-{trial.trial_id}"
+    return f"{cfg.get('phase', 'search')}-{cfg.get('task', 'task')}-{cfg.get('label') or cfg.get('method', 'run')}-" \
+        f"{trial.trial_id}"
 
 
 def _sweep_exists(storage: Storage, name: str) -> bool:
     return storage.exists(storage.path("sweeps", name, "spec.json"))
 
 
-def run_sweep(spec: SweepSpec) -> SweepResult:
+def run_sweep(spec: SweepSpec, *, simulate: SimulatedStep | None = None) -> SweepResult:
     """Run (or resume) a whole sweep; see the module docstring. Returns the summary, also saved as JSON.
+
+    `simulate`: rehearsal mode (bench/scale.py, spt_ray/simulate.py): the real engine with each trial's
+    training step replaced by a modelled sleep; never for results.
 
     Ctrl-C at any point raises SweepInterrupted (a KeyboardInterrupt whose text says to rerun with
     `--resume`) once finished work is saved; an error raised inside a Ray task or actor is re-raised as
@@ -247,7 +260,7 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
     stage = ["the checks before the sweep"]  # where a Ctrl-C landed, for its message
     try:
         with tune_interrupt_messages():
-            return _sweep(spec, stage)
+            return _sweep(spec, stage, simulate)
     except SweepInterrupted:
         raise
     except KeyboardInterrupt:
@@ -256,7 +269,7 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         raise unwrap_ray_error(err) from None
 
 
-def _sweep(spec: SweepSpec, stage: list[str]) -> SweepResult:
+def _sweep(spec: SweepSpec, stage: list[str], simulate: SimulatedStep | None = None) -> SweepResult:
     started, since = time.perf_counter(), time.time()
     storage = Storage.of(spec.storage)
     if _sweep_exists(storage, spec.name) and not spec.resume:
@@ -275,61 +288,45 @@ def _sweep(spec: SweepSpec, stage: list[str]) -> SweepResult:
         needs = RankingNeeds(spec.space, margin=spec.sensitivity.ranking_margin)
         t0 = time.perf_counter()
         holder = f"{spec.name}/{uuid.uuid4().hex[:8]}"  # this run holds its rankings in the store until the end
-        handles = fetch_rankings(store, requests, {t: needs for t in spec.tasks}, holder)
+        # every task's ranking at once; each task's trials start when ITS ranking arrives (spt_ray/pipeline.py)
+        futures = {t: store.get_ranking.remote(req, needs, holder) for t, req in requests.items()}
+        ray.wait(list(futures.values()), num_returns=1, timeout=None)  # the first: the backbone's hash
+        first = next(ray.get(f)[0] for f in futures.values() if ray.wait([f], timeout=0)[0])
         sensitivity_wall = time.perf_counter() - t0
-        refs = {t: h.ref for t, h in handles.items()}
-        first = handles[spec.tasks[0]]
-        keys = tuple((t, h.key) for t, h in handles.items())
-        rankings_meta = {t: {"key": h.key, "key_fields": h.key_fields, "nbytes": h.nbytes,
-                             "sensitivity_s": h.sensitivity_s} for t, h in handles.items()}
         storage.write_bytes(storage.path("sweeps", spec.name, "spec.json"),  # from here on, the sweep exists
                             json.dumps(spec.to_dict(), indent=1, default=str).encode())
+        contexts = {phase: TrialContext(phase, spec.suite, spec.data_root, spec.backbone, recipe.to_dict(),
+                                        spec.img_size, spec.num_workers, storage.root, requests, needs, simulate)
+                    for phase, recipe in (("search", spec.train), ("final", spec.final_recipe))}
+        rc = RowContext(spec.name, "search", spec.suite, spec.backbone.name, first.key_fields["backbone_hash"])
 
-        def context(phase: str) -> tuple[TrialContext, RowContext]:
-            recipe = spec.train if phase == "search" else spec.final_recipe
-            tc = TrialContext(phase, spec.suite, spec.data_root, spec.backbone, recipe.to_dict(), spec.img_size,
-                              spec.num_workers, rankings_meta, storage.root, requests, needs)
-            rc = RowContext(spec.name, phase, spec.suite, spec.backbone.name, first.key_fields["backbone_hash"], keys)
-            return tc, rc
-
-        trials: dict[str, dict[str, int]] = {}
-        # phase 1: search (validation only)
-        spaces = {t: spec.space.resolve(h.total_params) for t, h in handles.items()}
         fixed = fixed_configs(spec.baselines if spec.search_baselines else (), lr=spec.train.lr,
-                              weight_decay=spec.train.weight_decay, bits=spec.space.bits)
-        searcher = PerTaskSearcher(spaces, spec.num_samples, seed=spec.seed, multi_objective=spec.multi_objective,
-                                   fixed=fixed)
+                              weight_decay=spec.train.weight_decay, bits=spec.space.fixed_bits)
+
+        def task_searcher(task: str, space: Any) -> PerTaskSearcher:  # the task's own study, once its map is in
+            return PerTaskSearcher({task: space}, spec.num_samples, seed=spec.seed,
+                                   multi_objective=spec.multi_objective, fixed=fixed, sampler=spec.sampler,
+                                   paper_warm_start=spec.paper_warm_start, warm_start_from=spec.warm_start_from,
+                                   store=spec.study_store, sweep=spec.name)
+
         use_asha = spec.scheduler.kind == "asha" and not spec.multi_objective
         scheduler = PerTaskScheduler(spec.train.epochs, spec.scheduler.grace_period,
                                      spec.scheduler.reduction_factor) if use_asha else None
-        tc, rc = context("search")
+        pipeline = DriverHooks(spec, storage, writer, futures, stage, task_searcher)
+        register_hooks(spec.name, pipeline.hooks)
         phase_s: dict[str, float] = {"start_s": t0 - started, "sensitivity_s": sensitivity_wall}
         t1 = time.perf_counter()
         stage[0] = "the search phase"
-        trials["search"], epochs = _run_phase(spec, storage, "search", tc, refs, rc, searcher=searcher,
-                                              scheduler=scheduler, num_samples=spec.search_samples, since=since)
-        phase_s["search_s"] = time.perf_counter() - t1
+        try:
+            trials, epochs = _run_tune(spec, storage, contexts, futures, rc, since=since, stage=stage,
+                                       searcher=PipelineSearcher(spec.name, list(spec.tasks), run_final=spec.run_final),
+                                       scheduler=scheduler)
+        finally:
+            register_hooks(spec.name, None)
+        phase_s["tune_s"] = time.perf_counter() - t1
+        handles = {t: ray.get(f)[0] for t, f in futures.items()}
         table = read_results(storage, spec.name)
-        best = persist_selection(storage, spec.name, table)  # the one selection every report reads
-        missing = [t for t in spec.tasks if t not in best and spec.num_samples > 0]
-        if missing:
-            logger.warning("no searched trial of %s completed all epochs; their final phase has baselines only",
-                           missing)
-
-        # phase 2: final (retrain on train800val200 with several seeds, test once)
-        if spec.run_final:
-            runs = final_configs(spec, best, {t: ray.get(refs[t]).layout for t in best})
-            stage[0] = "the final phase"
-            align_final(storage, spec.name, runs, spec.final_recipe.to_dict(),
-                        {t: b["trial_id"] for t, b in best.items()}, writer)
-            tc, rc = context("final")
-            t2 = time.perf_counter()
-            trials["final"], final_epochs = _run_phase(spec, storage, "final", tc, refs, rc,
-                                                       searcher=FixedSearcher(runs), scheduler=None,
-                                                       num_samples=len(runs), since=since)
-            epochs += final_epochs
-            phase_s["final_s"] = time.perf_counter() - t2
-            table = read_results(storage, spec.name)
+        best = read_selection(storage, spec.name) or {}
         stage[0] = "the summary"
         store_stats = ray.get(store.stats.remote(holder))  # full_map_reads: this run's
         store_stats.pop("events", None)

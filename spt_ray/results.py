@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -121,6 +121,10 @@ class RowContext:
 
     def key_of(self, task: str) -> str | None:
         return dict(self.sensitivity_keys).get(task)
+
+    def for_phase(self, phase: str | None) -> "RowContext":
+        """The context of a trial of `phase` (one experiment runs both phases; the trial's config says which)."""
+        return self if phase in (None, self.phase) else replace(self, phase=phase)
 
 
 def make_row(ctx: RowContext, result: dict[str, Any], *, row_kind: str, status: str,
@@ -302,7 +306,8 @@ class ResultsCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "epoch" in result:
-            self.writer.put(make_row(self.ctx, result, row_kind="report", status="running", trial_id=trial.trial_id))
+            self.writer.put(make_row(self.ctx.for_phase(trial.config.get("phase")), result, row_kind="report",
+                                     status="running", trial_id=trial.trial_id))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._summary(trial, error=False)
@@ -313,7 +318,8 @@ class ResultsCallback(Callback):
     def _summary(self, trial: Any, error: bool) -> None:
         result = dict(trial.last_result or {})
         result.setdefault("config", trial.config)
-        self.writer.put(summary_row(self.ctx, result, trial_id=trial.trial_id, error=error))
+        self.writer.put(summary_row(self.ctx.for_phase(trial.config.get("phase")), result, trial_id=trial.trial_id,
+                                    error=error))
 
 
 def run_status(result: dict[str, Any], error: bool) -> str:

@@ -295,7 +295,8 @@ class PerTaskScheduler(FIFOScheduler):
         self.max_t, self.grace_period, self.reduction_factor = max_t, min(grace_period, max_t), reduction_factor
         self.per_task: dict[str, AsyncHyperBandScheduler] = {}
         self.members: dict[str, str] = {}  # trial id -> task, for trials under an ASHA
-        self._metric, self._mode = METRIC, MODE
+        # no experiment-wide metric: each task's ASHA has its own, and final runs report test_acc, not val_acc
+        self._metric, self._mode = None, None
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True

@@ -35,16 +35,18 @@ import torch
 from ray import tune
 from ray.tune import Checkpoint
 
-from spt_core.experiment import BackboneRef, TaskRef, build_plan, eval_batch_size, prepare_run
+from spt_core.experiment import BackboneRef, TaskRef, build_plan, eval_batch_size
 from spt_core.plan import TuningPlan
 from spt_core.sensitivity import Ranking, SensitivityMap
 from spt_core.train import TrainConfig
 
 from .artifacts import write_run_files
 from .rankings import covers
+from .setup_cache import prepare_cached
+from .simulate import SimulatedStep, SimulatedTrainer
 from .space import SPT_METHODS, STRUCTURED_OF, RankingNeeds
 from .storage import Storage
-from .store import SensitivityRequest, get_store, load_map
+from .store import RankingHandle, SensitivityRequest, get_store, load_map
 
 TOTALS_FILE = "run_totals.json"
 STARTS_DIR = "spt_starts"  # one marker per start of a trial, in its folder on the storage (see count_start)
@@ -61,10 +63,10 @@ class TrialContext:
     train: dict[str, Any]  # TrainConfig fields; lr / weight_decay / seed come from the trial config
     img_size: int | None = None
     num_workers: int = 0
-    rankings_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> key, key_fields, ...
     storage_root: str | None = None  # where the sensitivity store keeps maps (for the by-key fallback)
     requests: dict[str, SensitivityRequest] = field(default_factory=dict)
     needs: RankingNeeds | None = None
+    simulate: SimulatedStep | None = None  # rehearsal mode (bench/scale.py): the training step is modelled
 
     def __post_init__(self) -> None:
         if self.phase not in ("search", "final"):
@@ -114,30 +116,40 @@ def build_trial_plan(config: dict[str, Any], ranking: Ranking,
     return build_plan(method, load_full(), **kwargs), "full-map"
 
 
-def full_map_loader(context: TrialContext, task: str) -> Callable[[], SensitivityMap]:
+def full_map_loader(context: TrialContext, handle: RankingHandle) -> Callable[[], SensitivityMap]:
     """Reads the task's full map from storage for a configuration outside the space its ranking covers;
     each read is reported to the store, which counts them per sweep (`full_map_reads`)."""
     def load_full() -> SensitivityMap:
-        meta = context.rankings_meta[task]
-        get_store(context.storage_root).record_full_map_read.remote(meta["key"], context.needs)
-        return load_map(Storage.of(context.storage_root), meta["key_fields"])
+        get_store(context.storage_root).record_full_map_read.remote(handle.key, context.needs)
+        return load_map(Storage.of(context.storage_root), handle.key_fields)
 
     return load_full
 
 
 def fetch_ranking(context: TrialContext, rankings: dict[str, ray.ObjectRef],
                   task: str) -> tuple[ray.ObjectRef, Ranking]:
-    """The task's ranking from the ref the driver passed; if its owner is gone (the store actor restarted
-    after the sweep started), a fresh ref from the store by key (it reloads the map from disk)."""
-    ref = rankings[task]
+    """The task's ranking's ref and the ranking (see `fetch_ranking_handle`)."""
+    _, ref, ranking = fetch_ranking_handle(context, rankings, task)
+    return ref, ranking
+
+
+def fetch_ranking_handle(context: TrialContext, rankings: dict[str, ray.ObjectRef],
+                         task: str) -> tuple[RankingHandle | None, ray.ObjectRef, Ranking]:
+    """The task's ranking from the ref the driver passed: the store's reply to `get_ranking` (a sweep passes
+    these, each ready before any trial of its task starts; it carries the RankingHandle) or a ranking's own
+    ref (no handle). If an owner is gone (the store actor restarted after the sweep started), a fresh one
+    from the store by key (it reloads the map from disk)."""
     try:
-        return ref, ray.get(ref, timeout=600).unpack()  # zero-copy views of the object store's buffer
+        value = ray.get(rankings[task], timeout=600)
+        if isinstance(value, list):  # the store's reply: [RankingHandle]
+            return value[0], value[0].ref, ray.get(value[0].ref, timeout=600).unpack()  # zero-copy views
+        return None, rankings[task], value.unpack()
     except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError, ray.exceptions.ObjectFetchTimedOutError):
         if context.storage_root is None or task not in context.requests or context.needs is None:
             raise
     store = get_store(context.storage_root)
     handle = ray.get(store.get_ranking.remote(context.requests[task], context.needs))[0]
-    return handle.ref, ray.get(handle.ref).unpack()
+    return handle, handle.ref, ray.get(handle.ref).unpack()
 
 
 def count_start() -> int:
@@ -157,9 +169,11 @@ def count_start() -> int:
     return len(before)
 
 
-def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[str, ray.ObjectRef]) -> None:
+def spt_trainable(config: dict[str, Any], contexts: dict[str, TrialContext],
+                  rankings: dict[str, ray.ObjectRef]) -> None:
     """Train one configuration; see the module docstring. Raises on a config the plan cannot satisfy."""
     started = time.perf_counter()
+    context = contexts[config.get("phase", "search")]
     restarts = count_start()
     os.environ["SPT_NO_PROGRESS"] = "1"
     torch.set_num_threads(_threads())
@@ -167,13 +181,17 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
     task = TaskRef(context.suite, task_name, context.data_root, context.img_size)
     seed = int(config.get("seed", context.train.get("seed", 42)))
 
-    ranking_ref, ranking = fetch_ranking(context, rankings, task_name)
-    meta = context.rankings_meta.get(task_name, {})
-    plan, plan_source = build_trial_plan(config, ranking, full_map_loader(context, task_name))
+    handle, ranking_ref, ranking = fetch_ranking_handle(context, rankings, task_name)
+    plan, plan_source = build_trial_plan(config, ranking, full_map_loader(context, handle))
     cfg = TrainConfig(**{**context.train, "lr": float(config["lr"]), "weight_decay": float(config["weight_decay"]),
                          "seed": seed})
-    trainer, train_loader, eval_loader = prepare_run(task, context.backbone, plan, cfg, phase=context.phase,
-                                                     seed=seed, num_workers=context.num_workers)
+    if context.simulate is not None:  # rehearsal mode (spt_ray/simulate.py): only the training step is modelled
+        trainer: Any = SimulatedTrainer(context.simulate, plan, cfg.epochs, task=task_name, config=config,
+                                        final=context.phase == "final")
+        train_loader, eval_loader = None, "val"
+    else:
+        trainer, train_loader, eval_loader = prepare_cached(task, context.backbone, plan, cfg, phase=context.phase,
+                                                            seed=seed, num_workers=context.num_workers)
 
     totals = {f"{k}_total": 0.0 for k in ("setup_s", "train_s", "eval_s", "checkpoint_s", "wall_s")}
     checkpoint = tune.get_checkpoint()
@@ -188,7 +206,7 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
     static = {
         "task": task_name, "method": method, "epochs": cfg.epochs, "seed": seed,
         "trainable_params": plan.trainable_params, "storage_bytes": plan.storage_bytes,
-        "sensitivity_key": meta.get("key"), "sensitivity_s": meta.get("sensitivity_s"),
+        "sensitivity_key": getattr(handle, "key", None), "sensitivity_s": getattr(handle, "sensitivity_s", None),
         "ranking_object": ranking_ref.hex(), "plan_source": plan_source, "restarts": restarts,
         "budget_ratio": plan.trainable_params / config["reference_params"] if config.get("reference_params") else None,
         "ranking_bytes": ranking.nbytes + (4 * ranking.num_entries if plan_source == "full-map" else 0),
@@ -227,7 +245,9 @@ def spt_trainable(config: dict[str, Any], context: TrialContext, rankings: dict[
     trainer.fit(train_loader, None if final else eval_loader, on_epoch=on_epoch)
 
 
-def make_trainable(context: TrialContext, rankings: dict[str, ray.ObjectRef], resources: dict[str, float]):
-    """The trainable Tune runs: the function with its shared inputs bound and its per-trial resources."""
-    bound = tune.with_parameters(spt_trainable, context=context, rankings=rankings)
+def make_trainable(contexts: dict[str, TrialContext], rankings: dict[str, ray.ObjectRef],
+                   resources: dict[str, float]):
+    """The trainable Tune runs: the function with its shared inputs bound and its per-trial resources.
+    `contexts`: per phase (a trial's config says which); `rankings`: per task, the store's reply."""
+    bound = tune.with_parameters(spt_trainable, contexts=contexts, rankings=rankings)
     return tune.with_resources(bound, resources)

@@ -88,7 +88,7 @@ def _interrupt(proc: subprocess.Popen, tmp: Path, tag: str, stage: str) -> None:
 
 
 def _checkpoint(storage: Path, name: str, phase: str):
-    return lambda: any((storage / "tune" / f"{name}-{phase}").glob("*/checkpoint_000000"))
+    return lambda: any((storage / "tune" / f"{name}-sweep").glob(f"{phase}-*/checkpoint_000000"))
 
 
 def _rows(storage: Path, name: str) -> list[dict]:

@@ -88,7 +88,7 @@ def test_worker_node_lost_mid_trial_resumes_from_checkpoint(ray_cluster, ray_min
     outcome: dict = {}
     driver = threading.Thread(target=lambda: outcome.update(result=run_sweep(spec)), daemon=True)
     driver.start()
-    experiment = tmp_path / "tune" / "nodeloss-search"
+    experiment = tmp_path / "tune" / "nodeloss-sweep"
     _wait(lambda: any(experiment.glob("*/checkpoint_00000[0-9]")), 180, "the first checkpoint")
     spare = ray_cluster.add_node(num_cpus=1, resources={"spt_victim": 1}, object_store_memory=96 * 2**20)
     ray_cluster.remove_node(victim, allow_graceful=False)
@@ -178,7 +178,7 @@ def test_killed_sweep_resumes_without_duplicates_or_recomputation(ray_mini_root,
     trials = [r for r in rows if r["row_kind"] == "trial"]
     assert len(trials) == 2 * (2 + 1) and len({r["trial_id"] for r in trials}) == 6
     for t in trials:  # each row counts the starts of its trial before it was written (one marker per start)
-        markers = (tmp_path / "tune" / "resume-search").glob(f"*-{t['trial_id']}/spt_starts/*")
+        markers = (tmp_path / "tune" / "resume-sweep").glob(f"*-{t['trial_id']}/spt_starts/*")
         starts = [m.stat().st_mtime for m in markers if m.stat().st_mtime <= t["created_at"].timestamp()]
         assert t["restarts"] == len(starts) - 1, t
     for t in trials:  # every search trial has each of its epochs exactly once
