@@ -7,15 +7,21 @@ Workload (per task, 19 tasks), the VTAB recipe of spt_ray:
     by ASHA (grace period and reduction factor of the recipe);
   * final: the selected configuration retrained with 5 seeds on train800val200 (ceil(1000/64) = 16 steps per
     epoch, 100 epochs), then one evaluation of the task's test set (forward only).
-  * baselines (optional, `baselines`): fixed runs per task in both phases, costed like a trial.
+  * baselines (`baselines`, the VTAB recipe's 3: linear, lora, adapter): fixed runs per task in BOTH phases
+    (once each in the search, never stopped by ASHA; `final_seeds` times each in the final phase).
 
-Time on K GPUs: jobs are list-scheduled in submission order on K GPUs (two trials sharing a GPU at 0.5 GPU
-each run at half speed, so the GPU is the unit), phases one after the other (sensitivity, search, final), and
-every phase's busy time is divided by (1 - overhead) for what happens outside training and evaluation steps
-(start-up, scheduling gaps, data loading, checkpoints). GPU-hours = wall time x K (what is paid for); busy
-GPU-hours = the sum of step times.
+Time on K GPUs, as the engine schedules (spt_ray/pipeline.py): slots = min(max_concurrent, K / gpu_per_trial)
+trials at once, each at min(1, K / slots) of a GPU's speed (two trials sharing a GPU at 0.5 GPU each run at
+half speed); the sensitivity passes first, then one queue: a task's final runs are released when its own
+search ends and go before search trials (no barrier between tasks); ASHA is asynchronous (`asha_epochs`: a
+trial stops at a rung unless it is in the top 1/rf of what that rung has seen so far, in arrival order, as
+Tune's AsyncHyperBandScheduler decides). Wall time is divided by (1 - overhead), the share of slot time spent
+outside training and evaluation steps: measured (`--overhead-from bench/scale.json`, the rehearsal's
+`scheduling_overhead_fraction`) unless given. GPU-hours = wall time x K (what is paid for); busy GPU-hours =
+the sum of step times.
 
-Run standalone: `python bench/cost_model.py --step-s 0.25 [--eval-s 0.08]` or `--from-json bench/results.json`.
+Run standalone: `python bench/cost_model.py --step-s 0.25 [--eval-s 0.08] [--overhead-from bench/scale.json]`
+or `--from-json bench/results.json`.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import argparse
 import heapq
 import json
 import math
+import random
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 NUM_TASKS = 19
@@ -47,11 +55,14 @@ class Workload:
     val_images: int = 200
     final_images: int = 1000
     final_seeds: int = 5
-    baselines: int = 0  # fixed baseline runs per task (the VTAB recipe has 3: linear, lora, adapter)
+    baselines: int = 3  # fixed baseline runs per task in both phases (the VTAB recipe: linear, lora, adapter)
     sensitivity_batches: int = 16
     sensitivity_batch: int = 32
     asha_grace: int = 10
     asha_reduction: float = 2.0
+    gpu_per_trial: float = 0.5
+    max_concurrent: int = 10**6  # the sweep's cap on trials at once (besides what the GPUs give)
+    seed: int = 0  # the order of trial qualities asynchronous ASHA sees
     test_sizes: dict[str, int] = field(default_factory=lambda: dict(VTAB_TEST_SIZES))
 
     @property
@@ -66,19 +77,44 @@ class Workload:
     def final_steps_per_epoch(self) -> int:
         return math.ceil(self.final_images / self.batch)
 
-    def asha_epochs(self, n: int) -> list[int]:
-        """Epochs each of n trials of one task runs under ASHA: rungs at grace x rf^i below `epochs`; after
-        rung i, n / rf^(i+1) trials (rounded) go on; the survivors of the last rung run all epochs."""
-        rungs, t = [], float(self.asha_grace)
+    def rungs(self) -> list[int]:
+        out, t = [], float(self.asha_grace)
         while t < self.epochs:
-            rungs.append(int(round(t)))
+            out.append(int(round(t)))
             t *= self.asha_reduction
-        out, alive = [], n
-        for i, stop in enumerate(rungs + [self.epochs]):
-            after = round(n / self.asha_reduction ** (i + 1)) if i < len(rungs) else 0
-            out += [stop] * max(0, alive - after)
-            alive = min(alive, after)
         return out
+
+    def asha_epochs(self, n: int) -> list[int]:
+        """Epochs each of n trials of one task runs under asynchronous ASHA: trials arrive in order with random
+        qualities (seeded); at each rung a trial goes on only if its value is at least the (1 - 1/rf) quantile
+        of the values that rung recorded before it (Tune's AsyncHyperBandScheduler). Early
+        trials have little to compare with and go further than synchronous halving would let them."""
+        rng = random.Random(self.seed)
+        recorded: list[list[float]] = [[] for _ in self.rungs()]
+        out = []
+        for _ in range(n):
+            q, epochs = rng.random(), self.epochs
+            for rung, seen in zip(self.rungs(), recorded):
+                stop = bool(seen) and q < _quantile(seen, 1 - 1 / self.asha_reduction)
+                seen.append(q)
+                if stop:
+                    epochs = rung
+                    break
+            out.append(epochs)
+        return out
+
+    def slots(self, k_gpus: int) -> tuple[int, float]:
+        """(trials at once, speed of each as a share of a GPU) on k GPUs."""
+        slots = max(1, min(self.max_concurrent, int(k_gpus / self.gpu_per_trial + 1e-9)))
+        return slots, min(1.0, k_gpus / slots)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), as Tune's ASHA cuts a rung."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(math.floor(pos))
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
 
 
 @dataclass
@@ -102,26 +138,69 @@ def _makespan(durations: list[float], k: int) -> float:
     return end
 
 
+def _pipelined_makespan(search: list[list[float]], final: list[list[float]], slots: int) -> float:
+    """One queue over `slots`: search runs round-robin over the tasks; a task's final runs are released
+    when its last search run ends and go first once released (spt_ray/pipeline.py)."""
+    free = [0.0] * slots
+    heapq.heapify(free)
+    order = [(t, d) for i in range(max(map(len, search), default=0)) for t, jobs in enumerate(search)
+             if i < len(jobs) for d in [jobs[i]]]
+    left = [len(jobs) for jobs in search]
+    search_end = [0.0] * len(search)
+    released: list[tuple[float, float]] = []  # (release time, duration)
+    end, pos = 0.0, 0
+    for t, jobs in enumerate(search):
+        if not jobs:
+            released += [(0.0, d) for d in final[t]]
+    while pos < len(order) or released:
+        now = heapq.heappop(free)
+        ready = sorted(r for r in released if r[0] <= now)
+        if ready:
+            job = ready[0]
+            released.remove(job)
+            start, d = now, job[1]
+        elif pos < len(order):
+            t, d = order[pos]
+            pos += 1
+            start = now
+            left[t] -= 1
+            search_end[t] = max(search_end[t], start + d)
+            if left[t] == 0:
+                released += [(search_end[t], fd) for fd in final[t]]
+        else:  # only finals not released yet: wait for the first
+            job = min(released)
+            released.remove(job)
+            start, d = max(now, job[0]), job[1]
+        heapq.heappush(free, start + d)
+        end = max(end, start + d)
+    return end
+
+
 def estimate(fig: StepFigures, n_trials: int, k_gpus: int, *, wl: Workload | None = None, asha: bool = False,
              overhead: float = 0.10) -> dict[str, float]:
     wl = wl or Workload()
+    slots, speed = wl.slots(k_gpus)
     epoch_s = wl.steps_per_epoch * fig.step_s + wl.eval_batches * fig.eval_s
     sens = [wl.sensitivity_batches * fig.sensitivity_s] * wl.tasks
     per_task_epochs = wl.asha_epochs(n_trials) if asha else [wl.epochs] * n_trials
-    search: list[float] = []
-    for _ in range(wl.tasks):  # the per-task searcher hands out tasks round-robin
-        search += [e * epoch_s for e in per_task_epochs] + [wl.epochs * epoch_s] * wl.baselines
+    baseline_runs = [wl.epochs * epoch_s] * wl.baselines  # in the search: never stopped early
+    search = [[e * epoch_s for e in per_task_epochs] + baseline_runs for _ in range(wl.tasks)]
     tests = list(wl.test_sizes.values())[:wl.tasks] + [10000] * max(0, wl.tasks - len(wl.test_sizes))
-    final = []
-    for size in tests:
-        run = wl.epochs * wl.final_steps_per_epoch * fig.step_s + math.ceil(size / wl.batch) * fig.eval_s
-        final += [run] * (wl.final_seeds * (1 + wl.baselines))
-    busy = sum(sens) + sum(search) + sum(final)
-    wall = sum(_makespan(phase, k_gpus) for phase in (sens, search, final)) / (1 - overhead)
-    return {"n_trials": n_trials, "k_gpus": k_gpus, "asha": asha, "busy_gpu_h": busy / 3600,
-            "wall_h": wall / 3600, "gpu_h": wall * k_gpus / 3600, "search_busy_h": sum(search) / 3600,
-            "final_busy_h": sum(final) / 3600, "sensitivity_busy_h": sum(sens) / 3600,
-            "trial_h": wl.epochs * epoch_s / 3600}
+    final = [[wl.epochs * wl.final_steps_per_epoch * fig.step_s + math.ceil(size / wl.batch) * fig.eval_s]
+             * (wl.final_seeds * (1 + wl.baselines)) for size in tests]
+    busy = sum(sens) + sum(map(sum, search)) + sum(map(sum, final))
+    pipelined = _pipelined_makespan([[d / speed for d in jobs] for jobs in search],
+                                    [[d / speed for d in jobs] for jobs in final], slots)
+    wall = (_makespan(sens, k_gpus) + pipelined) / (1 - overhead)
+    return {"n_trials": n_trials, "k_gpus": k_gpus, "slots": slots, "asha": asha, "busy_gpu_h": busy / 3600,
+            "wall_h": wall / 3600, "gpu_h": wall * k_gpus / 3600, "search_busy_h": sum(map(sum, search)) / 3600,
+            "final_busy_h": sum(map(sum, final)) / 3600, "sensitivity_busy_h": sum(sens) / 3600,
+            "trial_h": wl.epochs * epoch_s / 3600, "overhead": overhead}
+
+
+def measured_overhead(path: str) -> float:
+    """The rehearsal's share of slot time outside the simulated steps (bench/scale.json)."""
+    return float(json.load(open(path))["scheduling_overhead_fraction"])
 
 
 def figures_from_results(results: dict[str, Any], gpu_step_s: float | None = None,
@@ -184,14 +263,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-json", help="a bench/results.json to take the step figures from")
     ap.add_argument("--step-s", type=float, help="GPU seconds per SPT training step at batch 64")
     ap.add_argument("--eval-s", type=float, help="GPU seconds per forward batch of 64 (default: from the ratio)")
-    ap.add_argument("--overhead", type=float, default=0.10)
-    ap.add_argument("--baselines", type=int, default=0)
+    ap.add_argument("--overhead", type=float, help="share of slot time outside steps (default: measured)")
+    ap.add_argument("--overhead-from", default=str(Path(__file__).with_name("scale.json")),
+                    help="a bench/scale.json whose scheduling_overhead_fraction is the overhead")
+    ap.add_argument("--baselines", type=int, default=3)
+    ap.add_argument("--max-concurrent", type=int, default=10**6)
     args = ap.parse_args(argv)
+    if args.overhead is None:
+        args.overhead = measured_overhead(args.overhead_from) if Path(args.overhead_from).is_file() else 0.10
     results = json.load(open(args.from_json)) if args.from_json else {}
     if not results and not args.step_s:
         sys.exit("pass --from-json RESULTS or --step-s SECONDS")
     fig = figures_from_results(results, args.step_s, args.eval_s)
-    print(format_cost_table(cost_table(fig, overhead=args.overhead, wl=Workload(baselines=args.baselines))))
+    wl = Workload(baselines=args.baselines, max_concurrent=args.max_concurrent)
+    print(format_cost_table(cost_table(fig, overhead=args.overhead, wl=wl)))
 
 
 if __name__ == "__main__":

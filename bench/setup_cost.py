@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from spt_core.data.mini import write_mini_suite
 from spt_core.experiment import BackboneRef, TaskRef, build_plan, load_backbone
 from spt_core.layout import ModelLayout
 from spt_core.train import TrainConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import write_merged  # noqa: E402
 from spt_ray import setup_cache
 
 
@@ -56,10 +59,7 @@ def main() -> None:
             out[name] = {"first_s": round(statistics.fmean(times[:first]), 3),
                          "after_first_s": round(statistics.fmean(times[first:]), 3), "all_s": [round(t, 3) for t in times]}
     print(json.dumps(out, indent=1))
-    path = Path(args.out)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data["setup_cost"] = out
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    write_merged(Path(args.out), {"setup_cost": out})  # read-modify-write: other benchmarks' keys stay
 
 
 if __name__ == "__main__":
