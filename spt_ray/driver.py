@@ -43,6 +43,7 @@ from spt_core.experiment import TaskRef
 
 from .faults import SweepInterrupted, sigint_held, tune_interrupt_messages, unwrap_ray_error
 from .preflight import check_resources, check_sweep
+from .progress import phase_callbacks, ray_init_options, sweep_output, tune_verbosity, wait_for_rankings
 from .results import ResultsCallback, ResultsWriter, RowContext, read_results, rows_from_trial_log
 from .resume import purge_rows, restorable_trials
 from .pipeline import DriverHooks, PipelineSearcher, register_hooks
@@ -79,7 +80,7 @@ class SweepResult:
 
 # ---- Ray -----------------------------------------------------------------------------------------
 @contextmanager
-def ray_session(address: str | None) -> Iterator[bool]:
+def ray_session(address: str | None, verbose: bool = False) -> Iterator[bool]:
     """Use the Ray this process is already connected to, else connect / start one (and stop it after).
 
     address None: ray.init()'s own rule (attach to a cluster running on this machine, else start a local
@@ -91,7 +92,8 @@ def ray_session(address: str | None) -> Iterator[bool]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         with sigint_held():  # a Ctrl-C halfway through ray.init would crash the interpreter at exit
-            ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
+            ray.init(address=address, **ray_init_options(verbose),  # workers' logs reach the driver only with -v
+                     **({"include_dashboard": False} if address == "local" else {}))
         yield True
     finally:
         if ray.is_initialized():
@@ -212,9 +214,11 @@ def _run_tune(spec: SweepSpec, storage: Storage, contexts: dict[str, TrialContex
                                    max_concurrent_trials=spec.max_concurrent, reuse_actors=spec.reuse_actors,
                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=RunConfig(name=exp_name, storage_path=tune_root,
-                                 callbacks=[ResultsCallback(storage.root, ctx)],
+                                 callbacks=[ResultsCallback(storage.root, ctx),  # progress lines, trackers:
+                                            *phase_callbacks(spec, "search", searcher, spec.search_samples)],
                                  failure_config=FailureConfig(max_failures=spec.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2), verbose=0),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 verbose=tune_verbosity(spec.verbose)),
         )
     t0 = time.perf_counter()
     grid = tuner.fit()
@@ -259,7 +263,7 @@ def run_sweep(spec: SweepSpec, *, simulate: SimulatedStep | None = None) -> Swee
     """
     stage = ["the checks before the sweep"]  # where a Ctrl-C landed, for its message
     try:
-        with tune_interrupt_messages():
+        with tune_interrupt_messages(), sweep_output(spec.verbose):
             return _sweep(spec, stage, simulate)
     except SweepInterrupted:
         raise
@@ -277,7 +281,7 @@ def _sweep(spec: SweepSpec, stage: list[str], simulate: SimulatedStep | None = N
                          "(run_sweep: resume=True) to continue it, or choose a new --name")
     check_sweep(spec)  # data, weights, search space, storage: before anything is written (spt_ray/preflight.py)
     stage[0] = "Ray start-up"
-    with ray_session(spec.address), _results_writer(storage, spec.name) as writer:
+    with ray_session(spec.address, spec.verbose), _results_writer(storage, spec.name) as writer:
         check_resources(spec)
         stage[0] = "the sensitivity pass"
         store = get_store(storage.root, num_gpus=spec.sensitivity.num_gpus, num_cpus=spec.sensitivity.num_cpus)
@@ -290,7 +294,7 @@ def _sweep(spec: SweepSpec, stage: list[str], simulate: SimulatedStep | None = N
         holder = f"{spec.name}/{uuid.uuid4().hex[:8]}"  # this run holds its rankings in the store until the end
         # every task's ranking at once; each task's trials start when ITS ranking arrives (spt_ray/pipeline.py)
         futures = {t: store.get_ranking.remote(req, needs, holder) for t, req in requests.items()}
-        ray.wait(list(futures.values()), num_returns=1, timeout=None)  # the first: the backbone's hash
+        wait_for_rankings(store, futures, num_returns=1)  # the first (the backbone's hash), with a progress bar
         first = next(ray.get(f)[0] for f in futures.values() if ray.wait([f], timeout=0)[0])
         sensitivity_wall = time.perf_counter() - t0
         storage.write_bytes(storage.path("sweeps", spec.name, "spec.json"),  # from here on, the sweep exists

@@ -48,6 +48,11 @@ def add_tune_args(p: argparse.ArgumentParser, *, suite: str | None = None) -> ar
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     p.add_argument("--smoke", action="store_true", help="a minute-long version on the mini suite")
     p.add_argument("--json", action="store_true", help="print the SweepResult as JSON")
+    p.add_argument("--callback", action="append", type=_csv, metavar="NAME",
+                   help="experiment tracker through Ray Tune's integration: wandb, mlflow or tensorboard (repeat "
+                        "or comma-separate; each an extra: pip install 'spt-ray[wandb]')")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Ray's and Tune's own output (worker logs, Tune's trial tables)")
     return p
 
 
@@ -79,6 +84,11 @@ def spec_from_args(args: argparse.Namespace, suite: str) -> dict[str, Any]:
     if args.no_warm_start:
         spec["paper_warm_start"] = False
     spec["resume"] = bool(args.resume)
+    spec["verbose"] = bool(args.verbose or spec.get("verbose"))
+    if args.callback:  # added to the config file's `callbacks`
+        named = spec.get("callbacks") or []
+        extra = [name for group in args.callback for name in group]
+        spec["callbacks"] = [*([named] if isinstance(named, str) else named), *extra]
     spec["run_final"] = not args.no_final and spec.get("run_final", True)
     spec["storage"] = args.storage or spec.get("storage") or str(Path("runs") / spec["name"])
     spec["data_root"] = args.data_root or spec.get("data_root") or _default_data_root(spec)

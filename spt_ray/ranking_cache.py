@@ -23,6 +23,7 @@ from typing import Any
 import ray
 
 from spt_core.experiment import compute_task_sensitivity
+from spt_core.progress import ProgressSink, progress_sink
 from spt_core.layout import ModelLayout
 from spt_core.sensitivity import Ranking
 
@@ -120,14 +121,30 @@ def rank_from_disk(storage: Storage, key_fields: dict[str, Any], needs: RankingN
     return "ok", ranking, info
 
 
+def pass_reporter(store: Any, key: str, task: str, every_s: float = 0.5) -> ProgressSink:
+    """A progress sink telling the store (fire and forget, at most every `every_s` and at the end) how many
+    batches of `task`'s sensitivity pass are done; a no-op without a store."""
+    last = [0.0]
+
+    def report(desc: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if store is not None and desc == "sensitivity" and (now - last[0] >= every_s or done == total):
+            last[0] = now
+            store.pass_progress.remote(key, task, done, total)
+    return report
+
+
 @ray.remote(max_retries=2)
-def compute_and_rank(storage: Storage, key_fields: dict[str, Any], request: SensitivityRequest, needs: RankingNeeds):
-    """Compute the map (on a GPU when this task was given one), persist it, derive the ranking."""
+def compute_and_rank(storage: Storage, key_fields: dict[str, Any], request: SensitivityRequest, needs: RankingNeeds,
+                     reporter: Any = None):
+    """Compute the map (on a GPU when this task was given one), persist it, derive the ranking. `reporter`
+    (the store actor) hears of every batch, for the driver's progress bar."""
     os.environ.setdefault("SPT_NO_PROGRESS", "1")
     start = time.perf_counter()
-    smap = compute_task_sensitivity(request.task, request.backbone, split=request.split,
-                                    num_batches=request.num_batches, batch_size=request.batch_size,
-                                    seed=request.seed, device="auto", progress=False)
+    with progress_sink(pass_reporter(reporter, key_fields["key"], request.task.task)):
+        smap = compute_task_sensitivity(request.task, request.backbone, split=request.split,
+                                        num_batches=request.num_batches, batch_size=request.batch_size,
+                                        seed=request.seed, device="auto", progress=False)
     seconds = time.perf_counter() - start
     smap.meta.update(wall_s=seconds, node_id=ray.get_runtime_context().get_node_id(), host=socket.gethostname())
     manifest = persist_map(storage, key_fields, smap)

@@ -17,6 +17,7 @@ from spt_core.sensitivity import check_sensitivity_split
 from spt_core.train import TrainConfig
 
 from .space import BASELINE_METHODS, SearchSpace
+from .trackers import callback_names, parse_callbacks
 from .studies import SAMPLERS, StudyStore, study_store
 from .validate import check_fields, check_keys, read_yaml_mapping
 
@@ -152,6 +153,8 @@ class SweepSpec:
     num_workers: int = 0
     max_failures: int = 2
     reuse_actors: bool = True
+    callbacks: tuple[Any, ...] = ()  # trackers ("wandb", "mlflow", "tensorboard") and ray.tune.Callback objects
+    verbose: bool = False  # Ray's and Tune's own output (worker logs, Tune's tables); progress lines either way
 
     def __post_init__(self) -> None:
         check_fields(self)  # types and finiteness first: "2" or NaN would crash or pass the checks below
@@ -197,6 +200,7 @@ class SweepSpec:
                              "'memory', or leave it out (<storage>/optuna/<name>.journal)")
         if self.img_size is not None and self.img_size < 8:
             raise ValueError(f"img_size must be >= 8, got {self.img_size}")
+        object.__setattr__(self, "callbacks", parse_callbacks(self.callbacks))  # names known, packages installed
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -242,7 +246,8 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (round-trips through from_dict); recorded next to the sweep's results."""
-        out = asdict(self)
+        out = asdict(replace(self, callbacks=()))  # callback objects are recorded by name, never copied
+        out["callbacks"] = callback_names(self.callbacks)
         out["train"] = self.train.to_dict()
         out["final_train"] = self.final_train.to_dict() if self.final_train else None
         return out

@@ -240,6 +240,7 @@ class SensitivityStore:
         self.inflight: dict[str, ray.ObjectRef] = {}  # key -> pending compute task
         self.locks: dict[str, asyncio.Lock] = {}
         self.events: list[dict[str, Any]] = []
+        self.passes: dict[str, dict[str, Any]] = {}  # key -> task, done, total of a sensitivity pass running now
         self.started_at = time.time()
 
     async def get_ranking(self, request: SensitivityRequest, needs: RankingNeeds,
@@ -308,12 +309,23 @@ class SensitivityStore:
 
         key = key_fields["key"]
         ref = compute_and_rank.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
-            self.storage, key_fields, request, needs)
+            self.storage, key_fields, request, needs, ray.get_runtime_context().current_actor)
         self.inflight[key] = ref
         try:
             return await ref
         finally:
             self.inflight.pop(key, None)
+            self.passes.pop(key, None)
+
+    def pass_progress(self, key: str, task: str, done: int, total: int | None) -> None:
+        """A running sensitivity pass reports its batches (spt_ray.progress shows them to the driver). An
+        async actor may run these calls out of order: the count never goes back."""
+        done = max(done, self.passes.get(key, {}).get("done", 0))
+        self.passes[key] = {"task": task, "done": done, "total": total}
+
+    def passes_running(self) -> dict[str, dict[str, Any]]:
+        """Sensitivity passes computing now: key -> task, batches done, batches planned."""
+        return {k: dict(v) for k, v in self.passes.items()}
 
     async def _materialize(self, key_fields: dict[str, Any], request: SensitivityRequest,
                            needs: RankingNeeds) -> RankingHandle:
@@ -393,5 +405,7 @@ def fetch_rankings(store: ray.actor.ActorHandle, requests: dict[str, Sensitivity
                    needs: dict[str, RankingNeeds], holder: str | None = None) -> dict[str, RankingHandle]:
     """Ask the store for every task at once (the store runs their computations in parallel); `holder` (a
     sweep run) keeps them cached in the store until it calls `store.release.remote(holder)`."""
+    from .progress import wait_for_rankings  # a bar per computing pass on a terminal, a line per task
+
     refs = {task: store.get_ranking.remote(req, needs[task], holder) for task, req in requests.items()}
-    return {task: ray.get(ref)[0] for task, ref in refs.items()}
+    return wait_for_rankings(store, refs)

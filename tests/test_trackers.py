@@ -1,0 +1,179 @@
+"""Experiment trackers through Ray Tune's integrations (`--callback`, `callbacks` in the spec, callback
+objects in the Python API): names checked before anything runs, a missing package named with its pip
+command, and one real sweep whose TensorBoard events, MLflow runs (local SQLite store) and W&B offline runs
+hold the same numbers as the Parquet results. MLflow and W&B are optional extras: their checks are skipped,
+with the reason, where they are not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.tune import Callback
+
+from spt_ray.cli import main
+from spt_ray.launch import add_tune_args, spec_from_args
+from spt_ray.spec import SweepSpec
+from spt_ray.trackers import TRACKERS, parse_callbacks
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTALLED = {name: importlib.util.find_spec(t.package) is not None for name, t in TRACKERS.items()}
+
+
+class Recorder(Callback):
+    """A user's own Tune callback, passed through the Python API."""
+
+    def __init__(self):
+        self.completed: list[str] = []
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.completed.append(trial.trial_id)
+
+
+def test_names_are_checked_and_deduplicated():
+    assert parse_callbacks(["tensorboard, TensorBoard", "tensorboard"]) == ("tensorboard",)
+    assert parse_callbacks(None) == () and parse_callbacks("") == ()
+    with pytest.raises(ValueError, match=r"unknown callback 'neptune'; choose from wandb, mlflow, tensorboard"):
+        parse_callbacks("tensorboard,neptune")
+    with pytest.raises(ValueError, match="neither a tracker name"):
+        parse_callbacks([42])
+    rec = Recorder()
+    assert parse_callbacks([rec, "tensorboard"]) == (rec, "tensorboard")
+
+
+@pytest.mark.parametrize("name", [n for n in TRACKERS if n != "tensorboard"])
+def test_a_missing_tracker_is_one_line_with_the_pip_command(name, capsys, tmp_path):
+    if INSTALLED[name]:
+        pytest.skip(f"{TRACKERS[name].package} is installed here; the missing-package path needs it absent")
+    storage = tmp_path / "store"
+    code = main(["tune", "--callback", name, "--storage", str(storage), "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err == (f"spt-ray tune: error: --callback {name} needs the {TRACKERS[name].package} package; install it "
+                   f"with `pip install 'spt-ray[{name}]'` (or `pip install {TRACKERS[name].pip}`)")
+    assert not storage.exists()  # refused before anything was written
+
+
+def test_unknown_callback_via_the_cli_is_exit_2(capsys, tmp_path):
+    code = main(["tune", "--callback", "tensorbored", "--storage", str(tmp_path / "s"), "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown callback 'tensorbored'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_flags_and_config_file_merge(tmp_path):
+    import argparse
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"callbacks": ["tensorboard"]}))
+    parser = add_tune_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--config", str(config), "--callback", "tensorboard", "-v", "--storage",
+                              str(tmp_path / "s"), "--data-root", str(tmp_path)])
+    spec = SweepSpec.from_dict(spec_from_args(args, "mini"))
+    assert spec.callbacks == ("tensorboard",) and spec.verbose is True
+    rec = Recorder()
+    api = spec.with_overrides(callbacks=("tensorboard", rec))
+    assert api.to_dict()["callbacks"] == ["tensorboard", "Recorder"]  # spec.json records names, not objects
+    assert SweepSpec.from_dict({**api.to_dict(), "callbacks": ["tensorboard"]}).callbacks == ("tensorboard",)
+
+
+def test_each_tracker_is_an_optional_extra():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name, tracker in TRACKERS.items():
+        assert any(req.lower().startswith(tracker.pip.lower()) for req in extras[name]), (name, extras.get(name))
+
+
+# ---- one real sweep with every installed tracker --------------------------------------------------------
+def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
+    """step -> value of `tag` from the TFRecord event files in `folder` (framing read by hand)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[int, float] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.tag == tag:
+                    out[event.step] = value.simple_value
+    return out
+
+
+@pytest.fixture(scope="module")
+def tracked(ray_cluster, ray_mini_root, ray_backbone, tmp_path_factory):
+    import os
+
+    from spt_ray.driver import run_sweep
+    from spt_ray.results import read_results
+
+    storage = tmp_path_factory.mktemp("tracked")
+    os.environ["WANDB_MODE"] = "offline"  # no account, no network; `wandb sync` would upload later
+    names = [n for n in ("tensorboard", "mlflow", "wandb") if INSTALLED[n]]
+    recorder = Recorder()
+    spec = SweepSpec.from_dict({
+        "name": "trk", "suite": "mini", "tasks": ["shapes"], "data_root": ray_mini_root, "storage": str(storage),
+        "backbone": ray_backbone, "num_samples": 2, "seed": 3, "max_concurrent": 2, "run_final": False,
+        "train": {"epochs": 2, "batch_size": 32, "warmup_epochs": 0, "lr": 5e-3, "weight_decay": 1e-4},
+        "sensitivity": {"num_batches": 1, "batch_size": 16}, "scheduler": {"kind": "fifo"},
+        "callbacks": [*names, recorder]})
+    run_sweep(spec)
+    rows = [r for r in read_results(str(storage), "trk").to_pylist() if r["row_kind"] == "report"]
+    per_trial: dict[str, dict[int, float]] = {}
+    for r in rows:
+        per_trial.setdefault(r["trial_id"], {})[r["iteration"]] = r["val_acc"]
+    assert len(per_trial) == 2
+    return storage, per_trial, recorder
+
+
+@pytest.mark.slow
+def test_api_callback_objects_hear_every_trial(tracked):
+    _, per_trial, recorder = tracked
+    assert sorted(recorder.completed) == sorted(per_trial)
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_the_parquet_numbers(tracked):
+    storage, per_trial, _ = tracked
+    for trial_id, expected in per_trial.items():
+        (folder,) = (storage / "tune" / "trk-search").glob(f"*-{trial_id}")
+        got = tensorboard_scalars(folder, "ray/tune/val_acc")
+        assert got == pytest.approx(expected, abs=1e-6)  # float32 in the event file
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INSTALLED["mlflow"], reason="mlflow not installed (pip install 'spt-ray[mlflow]')")
+def test_mlflow_local_store_holds_the_parquet_numbers(tracked):
+    from mlflow.tracking import MlflowClient
+
+    storage, per_trial, _ = tracked
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage}/mlflow.db")  # the default for a local storage
+    experiment = client.get_experiment_by_name("trk")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == len(per_trial)
+    for run in runs:
+        assert run.data.tags["sweep"] == "trk" and run.data.params["phase"] == "search"
+        trial_id = run.data.tags["trial_name"].rsplit("-", 1)[-1]
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
+        assert history == pytest.approx(per_trial[trial_id], abs=1e-9)
+        assert float(run.data.params["lr"]) > 0  # the trial's config as parameters
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INSTALLED["wandb"], reason="wandb not installed (pip install 'spt-ray[wandb]')")
+def test_wandb_offline_runs_hold_the_parquet_numbers(tracked):
+    storage, per_trial, _ = tracked
+    latest: dict[str, Path] = {}  # W&B run id = Tune's trial id; a restarted trial (a node lost) logs again
+    for run in sorted((storage / "wandb").rglob("offline-run-*")):  # names sort by start time
+        latest[run.name.rsplit("-", 1)[-1]] = run
+    assert sorted(latest) == sorted(per_trial)
+    for trial_id, run in latest.items():
+        summary = json.loads((run / "files" / "wandb-summary.json").read_text())
+        expected = per_trial[trial_id]
+        assert summary["val_acc"] == pytest.approx(expected[max(expected)], abs=1e-9)
