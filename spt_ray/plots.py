@@ -125,7 +125,8 @@ def pareto_plot(trials: list[Row], fronts: dict[str, list[Row]], selection: dict
         ax.set_title(task)
         ax.set_xlabel("trainable parameters (head excluded)" if cost == "trainable_params"
                       else "storage of the task delta (bytes)")
-        _percent_axis(ax, [r["val_acc"] for r in by_task[task]] + [r["test_mean"] for r in tested],
+        _percent_axis(ax, [r["val_acc"] for r in by_task[task]]
+                      + [r["test_mean"] + side * r["test_std"] for r in tested for side in (-1, 1)],  # whole bars
                       "accuracy (%): val, test on the front")
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], marker="o", ls="", color=c, label=m) for m, c in colors.items()]
