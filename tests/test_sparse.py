@@ -17,8 +17,9 @@ def setup(d_in=24, d_out=16, k=40, tokens=(3, 7), dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("use_pattern", [True, False])
-def test_delta_gradient_equals_dense_weight_gradient_at_the_positions(use_pattern):
-    weight, bias, x, delta, rows, cols, pattern = setup()
+@pytest.mark.parametrize("tokens", [(3, 7), (1, 2)])  # merged weight; few tokens: the K products added instead
+def test_delta_gradient_equals_dense_weight_gradient_at_the_positions(use_pattern, tokens):
+    weight, bias, x, delta, rows, cols, pattern = setup(tokens=tokens)
     y = sparse_delta_linear(x, weight, bias, delta, rows, cols, pattern if use_pattern else None)
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
@@ -50,11 +51,12 @@ def test_frozen_weight_gets_no_gradient_and_sddmm_matches_gather():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("keep_used_cols", [False, True])
-def test_low_precision_autocast_takes_the_sddmm_path_with_fp32_accumulation(dtype, keep_used_cols):
+@pytest.mark.parametrize("tokens", [(4, 50), (1, 3)])
+def test_low_precision_autocast_takes_the_sddmm_path_with_fp32_accumulation(dtype, keep_used_cols, tokens):
     """Under bf16 / fp16 autocast the entry gradients come from the SDDMM kernel (not the gather fallback),
     equal the dense reference's weight gradient at the K positions at low-precision tolerance, and equal the
     fp64 sum over tokens of the low-precision operands at fp32 tolerance (fp32 accumulation)."""
-    weight, bias, x, delta, rows, cols, _ = setup(d_in=64, d_out=48, k=300, tokens=(4, 50))
+    weight, bias, x, delta, rows, cols, _ = setup(d_in=64, d_out=48, k=300, tokens=tokens)
     extra = ()
     if keep_used_cols:
         used, local = torch.unique(cols, return_inverse=True)

@@ -1,7 +1,9 @@
 """Sparse delta on a frozen Linear weight with an O(K)-memory gradient.
 
 Forward: y = x @ (W + scatter(delta))^T + b, with the scatter done on a weight copy (cheap next to the
-activations). Backward: grad_x through the same merged weight, and grad_delta only at the K positions,
+activations); with few tokens (tokens x K below the weight's size) the K products x[:, cols] * delta are added
+to x @ W^T instead, so no weight-sized buffer is allocated. Backward: grad_x the same way (merged weight or
+G @ W plus the K products), and grad_delta only at the K positions,
 grad_delta[j] = sum over tokens of G[:, rows[j]] * X[:, cols[j]], computed as a sampled dense-dense
 matmul (SDDMM) on the fixed CSR pattern: no dense weight gradient, no K x K matrix, no full-size state.
 Only the input columns the entries touch are needed for grad_delta; given them (`used_cols`), the function keeps
@@ -92,7 +94,10 @@ class SparseDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, delta, rows, cols, pattern, used_cols=None, local_cols=None):
         dtype = compute_dtype(x, weight)  # autocast is on inside forward: follow it explicitly, casting once
         x_c = x.to(dtype)
-        w = merged_weight(weight, rows, cols, delta, dtype)
+        # Few tokens (T x K below the weight's size): add the K entries' products to W's output instead of
+        # building a merged copy of W, whose fresh allocation costs more than the product at a small batch.
+        ctx.gathered = (x_c.numel() // x_c.shape[-1]) * rows.numel() < weight.numel()
+        w = weight.detach().to(dtype) if ctx.gathered else merged_weight(weight, rows, cols, delta, dtype)
         if used_cols is not None and not ctx.needs_input_grad[1]:
             kept, kept_cols = x_c.index_select(-1, used_cols), local_cols
         else:
@@ -100,11 +105,15 @@ class SparseDeltaLinear(torch.autograd.Function):
             pattern = pattern if used_cols is None else None  # a pattern over used_cols does not fit x
         # Under autocast the low-precision merged weight is kept for the backward, as autocast keeps the cast
         # weight of a plain Linear (half the bytes of the weight); in full precision it is rebuilt instead.
-        ctx.keep_w = dtype != weight.dtype
+        ctx.keep_w = dtype != weight.dtype and not ctx.gathered
         ctx.save_for_backward(kept, weight, delta, rows, cols, kept_cols, w if ctx.keep_w else None)
         ctx.pattern, ctx.x_dtype = pattern, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x_c, w, None if bias is None else bias.to(dtype))
+        y = F.linear(x_c, w, None if bias is None else bias.to(dtype))
+        if ctx.gathered:
+            x2 = x_c.reshape(-1, x_c.shape[-1])
+            y.view(-1, y.shape[-1]).index_add_(1, rows, x2[:, cols] * delta.detach().to(dtype))
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -113,8 +122,12 @@ class SparseDeltaLinear(torch.autograd.Function):
         k2 = kept.reshape(-1, kept.shape[-1])
         grad_x = grad_w = grad_b = grad_delta = None
         if ctx.needs_input_grad[0]:
-            w = w.to(g2.dtype) if ctx.keep_w else merged_weight(weight, rows, cols, delta, g2.dtype)
-            grad_x = (g2 @ w).reshape(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
+            if ctx.gathered:
+                grad_x = g2 @ weight.detach().to(g2.dtype)
+                grad_x.index_add_(1, cols, g2[:, rows] * delta.detach().to(g2.dtype))
+            else:
+                grad_x = g2 @ (w.to(g2.dtype) if ctx.keep_w else merged_weight(weight, rows, cols, delta, g2.dtype))
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (g2.t() @ k2.to(g2.dtype)).to(weight.dtype)  # kept is all of x when the weight trains
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
