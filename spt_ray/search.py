@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,18 +50,14 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .space import ResolvedSpace
-from .studies import SAMPLERS, StudyStore, fresh_study, make_sampler, study_name, warm_trials
+from .studies import (SAMPLERS, StudyStore, make_sampler, study_name, task_seed,  # noqa: F401 (task_seed: API)
+                      task_study, warm_start_limit, warm_trials)
 
 logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_acc", "max"
 MO_METRICS, MO_MODES = ["val_acc", "storage_bytes"], ["max", "min"]
 TUNE_ID_ATTR = "tune_trial_id"  # user attribute of every study trial: the Tune trial (Parquet trial_id)
-
-def task_seed(seed: int, task: str) -> int:
-    """A per-task sampler seed that does not change when other tasks are added or reordered."""
-    return (int(seed) * 1_000_003 + zlib.crc32(task.encode())) % (2**31 - 1)
-
 
 def reached_end(result: dict[str, Any] | None) -> bool:
     return bool(result) and result.get("epoch") is not None and result.get("epochs") is not None \
@@ -124,17 +119,16 @@ class PerTaskSearcher(ResumableSearcher):
         storage = self.store.open()
         metric, mode = (list(MO_METRICS), list(MO_MODES)) if self.multi_objective else (METRIC, MODE)
         directions = ["maximize" if m == "max" else "minimize" for m in (mode if self.multi_objective else [mode])]
-        limit = max(1, self.num_samples // 2)  # warm starts never take more than half of a task's trials
+        # a quarter of a task's trials at most (warm_start_limit); random search stays the cold control
+        limit = warm_start_limit(self.num_samples) if self.paper_warm_start and self.sampler_kind != "random" else 0
         for task, space in self.spaces.items():
             sampler = make_sampler(self.sampler_kind, task_seed(self.seed, task), self.num_samples,
                                    n_startup_trials=self.n_startup_trials)
             name = study_name(self.sweep, task)
-            study = fresh_study(storage, name, self.store.owner, directions, sampler)
-            if self.warm_start_from:
-                study.add_trials(warm_trials(self.store, self.warm_start_from, task, space, len(directions)))
-            if self.paper_warm_start and self.sampler_kind != "random":  # random search stays the cold control
-                for point in space.warm_starts(limit):
-                    study.enqueue_trial(point)
+            warm = warm_trials(self.store, self.warm_start_from, task, space, len(directions)) \
+                if self.warm_start_from else []
+            study = task_study(storage, name, self.store.owner, space, directions, sampler, warm_starts=limit,
+                               warm_from=warm)
             self.studies[task] = OptunaSearch(space, metric=metric, mode=mode, sampler=sampler, study_name=name,
                                               storage=study._storage)
 

@@ -34,13 +34,14 @@ if TYPE_CHECKING:
 # The only columns model selection may read. No test column: selection happens on validation only.
 SELECTION_COLUMNS = ("task", "phase", "row_kind", "status", "searched", "trial_id", "method", "budget", "alpha",
                      "rank", "lr", "weight_decay", "bits", "epoch", "epochs", "val_acc", "val_loss",
-                     "trainable_params", "storage_bytes")
+                     "trainable_params", "storage_bytes", "label", "seed")
 assert not any(c.startswith("test") for c in SELECTION_COLUMNS), "selection must never read a test column"
 CONFIG_KEYS = ("method", "budget", "alpha", "rank", "lr", "weight_decay", "bits")
 FRONT_COST = {False: "trainable_params", True: "storage_bytes"}  # multi_objective -> the front's second objective
 EQUAL_BUDGET_METHODS = ("lora", "adapter")  # baselines the final phase runs at the selected SPT plan's budget
 SELECTED_FILE = "selected.parquet"
-SELECTED_SCHEMA = pa.schema([SCHEMA.field("sweep")] + [SCHEMA.field(c) for c in SELECTION_COLUMNS])
+SELECTED_SCHEMA = pa.schema([SCHEMA.field("sweep")] + [SCHEMA.field(c) for c in SELECTION_COLUMNS]
+                            + [pa.field("val_mean", pa.float64()), pa.field("val_runs", pa.int64())])
 
 
 def _one_sweep(table: pa.Table) -> None:
@@ -65,9 +66,19 @@ def candidates(table: pa.Table) -> list[dict[str, Any]]:
 
 def select_best(table: pa.Table) -> dict[str, dict[str, Any]]:
     """Per task, the candidate with the highest val_acc; ties go to fewer trainable parameters, then to the
-    earlier trial id."""
+    earlier trial id.
+
+    Robust selection: for a task whose top candidates were re-evaluated (`reeval_configs`: more seeds of
+    the same train800 -> val200 run), the choice is among those re-evaluated candidates only, by their mean
+    val_acc over every run (the search trial and each re-evaluation seed); `val_runs` says how many."""
+    reevals = reeval_values(table)
     best: dict[str, dict[str, Any]] = {}
     for row in candidates(table):
+        runs = reevals.get(row["task"], {})
+        if runs and row["trial_id"] not in runs:
+            continue  # the task was re-evaluated: only its re-evaluated top candidates compete
+        values = [row["val_acc"], *runs.get(row["trial_id"], [])]
+        row = {**row, "val_mean": sum(values) / len(values), "val_runs": len(values)}
         cur = best.get(row["task"])
         if cur is None or _rank_key(row) > _rank_key(cur):
             best[row["task"]] = row
@@ -75,7 +86,32 @@ def select_best(table: pa.Table) -> dict[str, dict[str, Any]]:
 
 
 def _rank_key(row: dict[str, Any]) -> tuple:
-    return row["val_acc"], -(row["trainable_params"] or 0), tuple(-ord(c) for c in row["trial_id"])
+    return row["val_mean"], -(row["trainable_params"] or 0), tuple(-ord(c) for c in row["trial_id"])
+
+
+# ---- robust selection: re-evaluating the top candidates with more seeds ---------------------------------
+REEVAL_PREFIX = "reeval-"  # label of a re-evaluation run: reeval-<searched trial id>
+
+
+def reeval_configs(table: pa.Table, task: str, top: int, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Runs re-evaluating `task`'s `top` candidates (highest val_acc, the select_best order) with each of
+    `seeds`: the same configuration trained on train800 and scored on val200 again, as search-phase runs
+    that no study sees (`searched` False) and no scheduler stops."""
+    mine = sorted((r for r in candidates(table) if r["task"] == task),
+                  key=lambda r: _rank_key({**r, "val_mean": r["val_acc"]}), reverse=True)[:top]
+    return [{**{k: r[k] for k in CONFIG_KEYS}, "task": task, "seed": int(seed), "searched": False,
+             "label": f"{REEVAL_PREFIX}{r['trial_id']}"} for r in mine for seed in seeds]
+
+
+def reeval_values(table: pa.Table) -> dict[str, dict[str, list[float]]]:
+    """val_acc of the completed re-evaluation runs: task -> the searched trial they repeat -> values.
+    SELECTION_COLUMNS only."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in table.select(list(SELECTION_COLUMNS)).to_pylist():
+        if (r["phase"], r["row_kind"], r["status"]) == ("search", "trial", "completed") and r["val_acc"] is not None \
+                and (r["label"] or "").startswith(REEVAL_PREFIX):
+            out.setdefault(r["task"], {}).setdefault(r["label"][len(REEVAL_PREFIX):], []).append(r["val_acc"])
+    return out
 
 
 def pareto_front(table: pa.Table, cost: str = "trainable_params") -> dict[str, list[dict[str, Any]]]:
@@ -209,5 +245,6 @@ def summarize_final(table: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-__all__ = ["CONFIG_KEYS", "FRONT_COST", "SELECTION_COLUMNS", "candidates", "final_configs", "front_cost", "front_label",
-           "front_with_test", "pareto_front", "persist_selection", "read_selection", "select_best", "summarize_final"]
+__all__ = ["CONFIG_KEYS", "FRONT_COST", "REEVAL_PREFIX", "SELECTION_COLUMNS", "candidates", "final_configs",
+           "front_cost", "front_label", "front_with_test", "pareto_front", "persist_selection", "read_selection",
+           "reeval_configs", "reeval_values", "select_best", "summarize_final"]

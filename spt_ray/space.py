@@ -182,7 +182,8 @@ class ResolvedSpace:
                     continue
                 share = budget / VIT_B16_PARAMS * (self.total_params or VIT_B16_PARAMS)
                 point = {"method": method, "budget": int(min(max(round(share), self.budget_low), self.budget_high)),
-                         "alpha": _clip(PAPER["alpha"], s.alpha), "rank": min(s.rank, key=lambda r: abs(r - PAPER["rank"])),
+                         "alpha": _clip(PAPER["alpha"], s.alpha),
+                         "rank": min(s.rank, key=lambda r: abs(r - PAPER["rank"])),
                          "lr": _clip(PAPER["lr"], s.lr), "weight_decay": _clip(PAPER["weight_decay"], s.weight_decay)}
                 if s.searched_bits:
                     point["bits"] = None if None in s.searched_bits else s.searched_bits[0]

@@ -147,6 +147,8 @@ class SweepSpec:
     paper_warm_start: bool = True  # each study starts with the paper's configurations (ResolvedSpace.warm_starts)
     warm_start_from: str | None = None  # another sweep (same space, same study storage) whose trials seed the studies
     optuna_storage: str | None = None  # None: <storage>/optuna/<name>.journal; an RDB URL, a journal path, "memory"
+    reeval_top: int = 0  # robust selection: re-evaluate each task's top N candidates with `reeval_seeds` (0: off)
+    reeval_seeds: tuple[int, ...] = (1, 2)  # extra train800 -> val200 seeds of each re-evaluated candidate
     resume: bool = False
     address: str | None = None
     sensitivity: SensitivitySpec = field(default_factory=SensitivitySpec)
@@ -195,6 +197,11 @@ class SweepSpec:
             if self.warm_start_from == self.name:
                 raise ValueError(f"warm_start_from names this sweep ({self.name!r}); name another sweep, or use "
                                  "--resume to continue this one")
+        if self.reeval_top < 0 or (self.reeval_top and not self.reeval_seeds):
+            raise ValueError("reeval_top must be >= 0 and needs at least one of reeval_seeds")
+        if self.train.seed in self.reeval_seeds:
+            raise ValueError(f"reeval_seeds {list(self.reeval_seeds)} repeat the search seed {self.train.seed}; give "
+                             "other seeds (a repeat re-measures nothing)")
         if self.optuna_storage is not None and not self.optuna_storage.strip():
             raise ValueError("optuna_storage is empty; give an RDB URL (sqlite:///studies.db), a journal path or "
                              "'memory', or leave it out (<storage>/optuna/<name>.journal)")
@@ -231,7 +238,7 @@ class SweepSpec:
         nested["train"] = train
         if data.get("final_train") is not None:
             nested["final_train"] = _train_config(data.pop("final_train"), "sweep spec `final_train`", base=train)
-        for key in ("tasks", "baselines", "final_seeds"):
+        for key in ("tasks", "baselines", "final_seeds", "reeval_seeds"):
             if key in data:
                 v = data.pop(key)
                 nested[key] = tuple(v.split(",")) if isinstance(v, str) else tuple(v)

@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,11 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_DIR = "optuna"
 STORAGE_ATTR = "spt_storage"  # study user attribute: the storage root of the sweep that owns the study
+
+
+def task_seed(seed: int, task: str) -> int:
+    """A per-task sampler seed that does not change when other tasks are added or reordered."""
+    return (int(seed) * 1_000_003 + zlib.crc32(task.encode())) % (2**31 - 1)
 
 
 def study_name(sweep: str, task: str) -> str:
@@ -129,6 +135,26 @@ def fresh_study(storage: BaseStorage | None, name: str, owner: str, directions: 
     return study
 
 
+def warm_start_limit(num_samples: int) -> int:
+    """How many of the paper's configurations a task's study starts with: a quarter of its trials (at least
+    one, at most the four there are). Half was measured worse than a cold start on the mini suite at 8
+    trials per task (bench/search_study.py: 52.7% vs 53.4% best val), where the reference recipe's lr is
+    clipped to the bottom of the space; one or two leave the sampler the rest of the budget."""
+    return max(1, num_samples // 4)
+
+
+def task_study(storage: BaseStorage | None, name: str, owner: str, space: "ResolvedSpace", directions: list[str],
+               sampler: optuna.samplers.BaseSampler, *, warm_starts: int,
+               warm_from: list[optuna.trial.FrozenTrial] = ()) -> optuna.Study:
+    """One task's fresh study (`fresh_study`), seeded: first the finished trials of another sweep (`warm_from`,
+    from `warm_trials`), then up to `warm_starts` of the paper's configurations enqueued (run first)."""
+    study = fresh_study(storage, name, owner, directions, sampler)
+    study.add_trials(list(warm_from))
+    for point in space.warm_starts(warm_starts) if warm_starts else []:
+        study.enqueue_trial(point)
+    return study
+
+
 def load_trials(store: StudyStore, name: str) -> list[optuna.trial.FrozenTrial]:
     """Finished trials of study `name` in another sweep's study storage (warm starts); a one-line error when
     it is missing."""
@@ -194,5 +220,6 @@ def warm_trials(store: StudyStore, sweep: str, task: str, space: "ResolvedSpace"
 
 
 __all__ = ["JOURNAL_DIR", "SAMPLERS", "StudyStore", "compatible", "fresh_study", "load_trials", "make_sampler",
-           "study_name", "study_store", "warm_trials"]
+           "study_name", "study_store", "task_seed", "task_study", "warm_start_limit",
+           "warm_trials"]
 

@@ -55,7 +55,7 @@ def test_restore_drops_trials_after_the_checkpoint_and_reopens_running_ones(tmp_
     suggests them again), a trial Tune still runs is RUNNING again, an enqueued warm start asked after it
     goes back to the queue; no trial is ever held twice."""
     store = study_store(str(tmp_path), "sw")
-    s = _searcher(store, n=4, tasks=("a",))  # 4 trials: 2 paper warm starts, then TPE
+    s = _searcher(store, n=8, tasks=("a",))  # 8 trials: 2 paper warm starts (a quarter), then TPE
     first = [s.suggest(f"t{i}") for i in range(2)]
     assert [c["method"] for c in first] == ["spt-lora", "spt-adapter"]  # the enqueued paper configurations
     _complete(s, "t0", 0.5)
@@ -66,7 +66,7 @@ def test_restore_drops_trials_after_the_checkpoint_and_reopens_running_ones(tmp_
     assert [st for st, _, _ in _stored(store.target, "sw/a")] == ["COMPLETE", "COMPLETE", "RUNNING"]
 
     if how == "restore":
-        restored = _searcher(store, n=4, tasks=("a",))
+        restored = _searcher(store, n=8, tasks=("a",))
         restored.restore(str(tmp_path / "ckpt.pkl"))
     else:
         restored = pickle.loads(snapshot)["searchers"]["a"]
@@ -74,13 +74,13 @@ def test_restore_drops_trials_after_the_checkpoint_and_reopens_running_ones(tmp_
     assert [st for st, _, _ in stored] == ["COMPLETE", "RUNNING"]
     assert stored[1][2]["method"] == first[1]["method"] == "spt-adapter"
     _complete(restored, "t1", 0.65)  # Tune resumes t1 from its checkpoint
-    again = [restored.suggest(f"u{i}") for i in range(3)]
-    assert again[2] == "FINISHED"
-    for i, tid in enumerate(("u0", "u1")):
-        _complete(restored, tid, 0.2 + i / 10)
+    again = [restored.suggest(f"u{i}") for i in range(7)]
+    assert again[6] == "FINISHED"
+    for i in range(6):
+        _complete(restored, f"u{i}", 0.2 + i / 100)
     stored = _stored(store.target, "sw/a")
-    assert [st for st, _, _ in stored] == ["COMPLETE"] * 4
-    assert [v for _, v, _ in stored] == pytest.approx([0.5, 0.65, 0.2, 0.3])
+    assert [st for st, _, _ in stored] == ["COMPLETE"] * 8
+    assert [v for _, v, _ in stored] == pytest.approx([0.5, 0.65] + [0.2 + i / 100 for i in range(6)])
 
 
 def test_a_stale_study_of_this_sweep_is_replaced_and_another_sweeps_refused(tmp_path):
