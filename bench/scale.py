@@ -109,8 +109,8 @@ class Sampler(threading.Thread):
 
     def head_processes(self) -> list[psutil.Process]:
         procs = [psutil.Process()]
-        for infos in self.head.all_processes.values():
-            for info in infos:
+        for infos in list(self.head.all_processes.values()):  # Ray adds processes while it starts
+            for info in list(infos):
                 try:
                     p = psutil.Process(info.process.pid)
                     procs += [p, *p.children(recursive=True)]
@@ -123,7 +123,11 @@ class Sampler(threading.Thread):
 
         while not self.stop.wait(0.5):
             rss = 0
-            for p in {p.pid: p for p in self.head_processes()}.values():
+            try:
+                procs = {p.pid: p for p in self.head_processes()}.values()
+            except RuntimeError:  # the table changed while read: sample again
+                continue
+            for p in procs:
                 try:
                     rss += p.memory_info().rss
                 except psutil.Error:

@@ -231,11 +231,10 @@ class DriverHooks:
 
     def reeval_runs(self, task: str) -> list[dict[str, Any]]:
         """Robust selection (spec.reeval_top > 0): the task's top candidates again with more seeds."""
-        from .results import read_results
-        from .selection import reeval_configs
-
         if not getattr(self.spec, "reeval_top", 0):  # (robust selection: a spec field of its own)
             return []
+        from .selection import reeval_configs
+
         self.writer.flush()
         return reeval_configs(read_results(self.storage, self.spec.name), task, self.spec.reeval_top,
                               tuple(self.spec.reeval_seeds))
@@ -263,7 +262,7 @@ class DriverHooks:
             return []
         mine = {task: best[task]} if task in best else {}
         layouts = {task: ray.get(self.handle(task).ref).layout} if mine else {}
-        fronts = pareto_front(table, FRONT_COST[True]) if spec.multi_objective else None  # the whole front retrained
+        fronts = pareto_front(table, FRONT_COST[True]) if spec.multi_objective else None  # every front point
         runs = [r for r in final_configs(spec, mine, layouts, fronts) if r["task"] == task]
         record = read_final_record(self.storage, spec.name) or {}
         others = [r for r in record.get("runs", []) if r["task"] != task]
