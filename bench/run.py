@@ -52,12 +52,12 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     peft = dict(PEFT_ARCH_CPU, rounds=6, warmup=1)
     if args.tiny:
         s = dict(mode="tiny", batch=4, rounds=2, warmup=1, sens_batches=1, sens_rounds=2, mem_steps=1,
-                 mem_batches=(1, 2), sparse_rounds=2, result_rows=20_000, sweep=False, query=True, calibrate=False,
+                 mem_batches=(2,), sparse_rounds=2, result_rows=20_000, sweep=False, query=True, calibrate=False,
                  step_configs=("lora", "spt"), peft=dict(peft, batch=2, rounds=2, img_size=32,
                                                           model_kwargs=dict(patch_size=8, depth=2)))
     elif args.quick:
         s = dict(mode="quick", batch=2, rounds=4, warmup=1, sens_batches=1, sens_rounds=2, mem_steps=1,
-                 mem_batches=(1, 2), sparse_rounds=5, result_rows=1_000_000, sweep=False, query=False,
+                 mem_batches=(2,), sparse_rounds=5, result_rows=1_000_000, sweep=False, query=False,
                  calibrate=False, step_configs=("lora", "spt"), peft=dict(peft, rounds=5))
     else:
         s = dict(mode="gpu" if args.gpu else "full", batch=64, rounds=10, warmup=3, sens_batches=4, sens_rounds=4,

@@ -92,18 +92,20 @@ def test_ablation_shuffled_map_keeps_scores_and_moves_them():
     assert (before != after).float().mean() > 0.99
 
 
-def test_memory_projection_is_the_line_through_the_measured_batches():
+def test_memory_projection_adds_the_per_image_bytes_to_the_measured_peak():
     sys.path.insert(0, str(ROOT / "bench"))
     from figures.memory import project
 
     mib = 2**20
-    runs = {"full": {1: {"peak_bytes": 1500 * mib}, 2: {"peak_bytes": 1520 * mib}},  # 1480 + 20 / image
-            "spt": {1: {"peak_bytes": 410 * mib}, 2: {"peak_bytes": 430 * mib}},  # 390 + 20 / image
-            "lora": {1: {"peak_bytes": 405 * mib}, 2: {"error": "killed"}}}
-    out = project(runs, (1, 2))
-    assert out["fit"]["full"]["at_64_mib"] == 1480 + 64 * 20 and out["fit"]["spt"]["at_64_mib"] == 390 + 64 * 20
-    assert math.isclose(out["spt_vs_full_at_64"], (390 + 64 * 20) / (1480 + 64 * 20))
-    assert math.isclose(out["spt_vs_full_measured"], 430 / 1520)
+    runs = {"full": {2: {"peak_bytes": 1500 * mib, "grad_checkpointing": True,
+                         "checkpointed_bytes_per_image": 20 * mib, "saved_bytes_per_image": 100 * mib}},
+            "spt": {2: {"peak_bytes": 400 * mib, "grad_checkpointing": True,
+                        "checkpointed_bytes_per_image": 18 * mib, "saved_bytes_per_image": 90 * mib}},
+            "lora": {2: {"error": "killed"}}}
+    out = project(runs, (2,))
+    assert out["fit"]["full"]["at_64_mib"] == 1500 + 62 * 20 and out["fit"]["spt"]["at_64_mib"] == 400 + 62 * 18
+    assert math.isclose(out["spt_vs_full_at_64"], (400 + 62 * 18) / (1500 + 62 * 20))
+    assert math.isclose(out["spt_vs_full_measured"], 400 / 1500)
     assert "lora" not in out["fit"] and "spt_vs_lora_at_64" not in out  # a failed run gives no figure
     at_64 = project({"spt": {64: {"peak_bytes": 3 * mib}}, "full": {64: {"peak_bytes": 6 * mib}}}, (64,))
     assert at_64["spt_vs_full_at_64"] == 0.5  # measured at 64 (GPU): no projection

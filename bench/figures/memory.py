@@ -72,13 +72,37 @@ def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
         peak = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     model = runner.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    runner.model.set_grad_checkpointing(False)  # the saved-tensor count is the no-checkpointing context figure
+    activation = activation_bytes_per_image(runner.model, x[:1], y[:1], device, args["amp"])
     return {"config": args["config"], "batch": args["batch"], "peak_bytes": int(peak - base),
             "baseline_bytes": int(base), "grad_checkpointing": bool(args.get("grad_checkpointing")),
             "absolute_peak_bytes": int(peak), "method": method, "steps": args["steps"],
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "trainable_params_with_head": trainable,
-            "saved_bytes_per_image": saved_activation_bytes(model, x[:1], y[:1], device, args["amp"])}
+            **activation}
+
+
+def activation_bytes_per_image(model, x, y, device, amp: bool) -> dict[str, int]:
+    """What one image adds to the peak, from tensor bytes (deterministic, unlike RSS at small batches).
+
+    Without checkpointing: the bytes autograd saves for the backward. With it: what stays saved outside the
+    checkpointed blocks, plus every block's input (checkpointing keeps those), plus one block's saved bytes
+    (recomputed in the backward, one block at a time; taken as the whole model's over the depth)."""
+    blocks = list(getattr(model, "blocks", []))
+    inputs: list[int] = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0].numel() * a[0].element_size()))
+             for b in blocks]
+    try:
+        model.set_grad_checkpointing(False)
+        plain = saved_activation_bytes(model, x, y, device, amp)
+        model.set_grad_checkpointing(True)
+        inputs.clear()
+        outside = saved_activation_bytes(model, x, y, device, amp)
+    finally:
+        for h in hooks:
+            h.remove()
+    per_block = plain // max(1, len(blocks))
+    return {"saved_bytes_per_image": plain,
+            "checkpointed_bytes_per_image": outside + sum(inputs[:len(blocks)]) + per_block}
 
 
 def saved_activation_bytes(model, x, y, device, amp: bool) -> int:
@@ -115,9 +139,9 @@ def measure_memory(spec: ModelSpec, configs: tuple[str, ...], *, batches: tuple[
                    timeout: float = 900) -> dict[str, Any]:
     """Peak memory of every configuration at every batch size, one fresh subprocess each (on a CPU the
     configurations of one batch run at the same time: each one's peak RSS is its own; on CUDA one after the
-    other), with the live-tensor allocator setting (LIVE_ALLOCATOR_ENV). With two or more batch sizes, peak =
-    fixed + batch x per-image is fitted per configuration through the smallest and largest, and projected
-    to batch 64: what a CPU cannot run in the benchmark's time is extrapolated from what it ran."""
+    other), with the live-tensor allocator setting (LIVE_ALLOCATOR_ENV); `project` extends the largest batch's
+    peak to batch 64 with the bytes one image adds: what a CPU cannot run in the benchmark's time is
+    extrapolated from what it ran."""
     out: dict[str, Any] = {"batches": list(batches), "steps": steps, "grad_checkpointing": grad_checkpointing,
                            "runs": {name: {} for name in configs}}
     parallel = torch.device(device).type != "cuda"
@@ -159,20 +183,21 @@ def measure_memory(spec: ModelSpec, configs: tuple[str, ...], *, batches: tuple[
 
 
 def project(runs: dict[str, dict[int, dict[str, Any]]], batches: tuple[int, ...], target: int = 64) -> dict[str, Any]:
-    """Per configuration: the peak at the largest batch measured, the line through the smallest and largest
-    batch (fixed MiB + MiB per image) and its value at `target`; SPT / full and SPT / LoRA of both."""
-    lo, hi = min(batches), max(batches)
+    """Per configuration: the peak measured at the largest batch, plus (target - batch) x the bytes one image
+    adds (tensor bytes, `activation_bytes_per_image`: with or without checkpointing, as the run was). RSS
+    differences between small batches are within the allocator's noise, so the slope is not fitted from
+    them; the smaller batches' peaks stay in `runs` as a check."""
+    hi = max(batches)
     fit: dict[str, Any] = {}
     for name, by_batch in runs.items():
-        a, b = (by_batch.get(lo) or {}).get("peak_bytes"), (by_batch.get(hi) or {}).get("peak_bytes")
-        if not b:
+        m = by_batch.get(hi) or {}
+        if not m.get("peak_bytes"):
             continue
-        per_image = (b - a) / (hi - lo) if a and hi > lo else None
-        fit[name] = {"measured_batch": hi, "peak_mib": b / 2**20,
-                     "per_image_mib": None if per_image is None else per_image / 2**20,
-                     "fixed_mib": None if per_image is None else (b - hi * per_image) / 2**20}
-        fit[name][f"at_{target}_mib"] = (b / 2**20 if hi == target else None if per_image is None else
-                                         fit[name]["fixed_mib"] + target * fit[name]["per_image_mib"])
+        per_image = m.get("checkpointed_bytes_per_image" if m.get("grad_checkpointing") else "saved_bytes_per_image")
+        fit[name] = {"measured_batch": hi, "peak_mib": m["peak_bytes"] / 2**20,
+                     "per_image_mib": None if per_image is None else per_image / 2**20}
+        fit[name][f"at_{target}_mib"] = (fit[name]["peak_mib"] if hi == target else None if per_image is None else
+                                         fit[name]["peak_mib"] + (target - hi) * fit[name]["per_image_mib"])
     ratios: dict[str, Any] = {"fit": fit}
     for other in ("full", "lora"):
         if "spt" in fit and other in fit:

@@ -111,7 +111,7 @@ def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         n.append("peak memory (live-tensor RSS, grad checkpointing " + ("on" if mem.get("grad_checkpointing")
                  else "off") + f", batches {mem.get('batches')}): " + ", ".join(
                      f"{k} {v['peak_mib']:.0f} MiB at batch {v['measured_batch']}"
-                     + (f" = {v['fixed_mib']:.0f} + {v['per_image_mib']:.1f}/image -> {v['at_64_mib']:.0f} at 64"
+                     + (f" + {v['per_image_mib']:.1f}/image -> {v['at_64_mib']:.0f} at 64"
                         if v.get("per_image_mib") is not None else "") for k, v in fit.items()))
     wo = mem.get("without_checkpointing") or {}
     if wo.get("spt_vs_full_at_64"):
