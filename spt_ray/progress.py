@@ -167,9 +167,10 @@ class SweepProgress(Callback):
     """
 
     def __init__(self, planned: Mapping[str, Mapping[str, int]], default_phase: str = "search",
-                 live: bool | None = None, min_redraw_s: float = 1.0):
+                 live: bool | None = None, min_redraw_s: float = 1.0, store: str | None = None):
         self.planned = {phase: dict(tasks) for phase, tasks in planned.items()}
         self.default_phase, self.live, self.min_redraw_s = default_phase, live, min_redraw_s
+        self.store = store  # the sensitivity store's actor name: its passes still computing are shown too
         self._reset()
 
     def _reset(self) -> None:
@@ -177,10 +178,11 @@ class SweepProgress(Callback):
         self.start: float | None = None
         self.work_at_start: float | None = None
         self.drawn = 0  # lines of the live table now on screen
-        self.last_draw = 0.0
+        self.last_draw = self.last_poll = 0.0
+        self.passes: dict[str, dict[str, Any]] = {}  # sensitivity passes computing at the last poll
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles the run config: no clock or screen state
-        return {k: self.__dict__[k] for k in ("planned", "default_phase", "live", "min_redraw_s")}
+        return {k: self.__dict__.get(k) for k in ("planned", "default_phase", "live", "min_redraw_s", "store")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -212,6 +214,24 @@ class SweepProgress(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._event(trials, trial, "ERROR", f"error in {trial} (its error.txt is in the trial's folder)")
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """Tasks whose map is still computing while other tasks' trials run (the sweep is pipelined):
+        a line when a pass starts and when it ends; on a terminal, rows of the live table."""
+        if self.store is None or time.monotonic() - self.last_poll < self.min_redraw_s:
+            return
+        self.last_poll = time.monotonic()
+        passes = poll_passes(self.store)
+        if passes is None:
+            self.store = None  # no store to ask (it is gone): stop asking
+            return
+        lines = [f"{p['task']}: computing its sensitivity map" for k, p in passes.items() if k not in self.passes]
+        lines += [f"{p['task']}: sensitivity map computed" for k, p in self.passes.items() if k not in passes]
+        self.passes = passes
+        if lines or (self._is_live() and passes):
+            elapsed = clock(time.monotonic() - (self.start or time.monotonic()))
+            self._draw(trials, None, (lambda *_: "\n".join(f"[sensitivity {elapsed}] {x}" for x in lines))
+                       if lines else None)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self._is_live():
@@ -250,6 +270,8 @@ class SweepProgress(Callback):
         if line is not None:
             text += line(counts, totals, elapsed, left) + "\n"
         table = table_lines(elapsed, counts, totals, left)
+        table[-1:-1] = [f"{'map':<8}{p['task']:<16}{p['done']:>4}/{p['total'] or '?':<4} batches"
+                        for p in self.passes.values()]
         out.write(text + "\n".join(table) + "\n")
         out.flush()
         self.drawn, self.last_draw = len(table), time.monotonic()
@@ -277,11 +299,28 @@ def phase_callbacks(spec: Any, phase: str, searcher: Any, num_samples: int) -> l
     """Every Tune callback an experiment gets besides the results writer: progress, then the trackers."""
     from .trackers import tracker_callbacks
 
-    progress = SweepProgress(planned_trials(spec, phase, num_samples, searcher), default_phase=phase)
+    from .store import store_actor_name
+
+    progress = SweepProgress(planned_trials(spec, phase, num_samples, searcher), default_phase=phase,
+                             store=store_actor_name(spec.storage))
     return [progress, *tracker_callbacks(spec.callbacks, sweep=spec.name, storage=spec.storage)]
 
 
 # ---- the sensitivity pass ------------------------------------------------------------------------
+def poll_passes(store: Any) -> dict[str, dict[str, Any]] | None:
+    """The store's passes computing now (key -> task, done, total); `store` is its handle or actor name.
+    None when there is no such store (never started, or gone)."""
+    import ray
+
+    from .store import NAMESPACE
+
+    try:
+        handle = ray.get_actor(store, namespace=NAMESPACE) if isinstance(store, str) else store
+        return ray.get(handle.passes_running.remote(), timeout=10)
+    except (ValueError, ray.exceptions.RayError):
+        return None
+
+
 def wait_for_rankings(store: Any, refs: Mapping[str, Any], num_returns: int | None = None,
                       interval_s: float = 0.5) -> dict[str, Any]:
     """Wait for `num_returns` (default: every) task's ranking (RankingHandle) from the sensitivity store,
@@ -313,7 +352,7 @@ def wait_for_rankings(store: Any, refs: Mapping[str, Any], num_returns: int | No
                       f"{handle.k:,} entries ({handle.nbytes / 2 ** 20:.1f} MiB) | {len(handles)}/{len(refs)} tasks",
                       file=sys.stderr, flush=True)
             if live and waiting and len(handles) < (num_returns or len(refs)):
-                for key, p in ray.get(store.passes_running.remote()).items():
+                for key, p in (poll_passes(store) or {}).items():
                     bar = bars.get(key)
                     if bar is None:
                         bar = bars[key] = tqdm(total=p["total"], desc=f"sensitivity {p['task']}", unit="batch",

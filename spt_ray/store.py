@@ -385,6 +385,11 @@ def head_node_id() -> str | None:
     return None
 
 
+def store_actor_name(storage: str | os.PathLike, name: str = STORE_NAME) -> str:
+    """The store's actor name for `storage` (in NAMESPACE): one store per storage root."""
+    return f"{name}-{hashlib.sha256(Storage.of(storage).root.encode()).hexdigest()[:10]}"
+
+
 def get_store(storage: str | os.PathLike, *, num_gpus: float = 0.0, num_cpus: float = 1.0,
               name: str = STORE_NAME, max_reloads: int = 2, lock_stale_s: float = 120.0) -> ray.actor.ActorHandle:
     """The store actor of this cluster for `storage`, created (detached, on the head node) if needed.
@@ -393,7 +398,7 @@ def get_store(storage: str | os.PathLike, *, num_gpus: float = 0.0, num_cpus: fl
     different storages never share maps by accident.
     """
     root = Storage.of(storage).root
-    actor_name = f"{name}-{hashlib.sha256(root.encode()).hexdigest()[:10]}"
+    actor_name = store_actor_name(root, name)
     head = head_node_id()
     options: dict[str, Any] = dict(name=actor_name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
     if head is not None:

@@ -133,11 +133,11 @@ def test_progress_sink_hears_every_batch_of_the_sensitivity_pass(vit):
     assert len(heard) == 3
 
 
-def test_a_pass_reports_its_batches_to_the_store(ray_cluster, tmp_path):
+def test_a_pass_reports_its_batches_to_the_store(ray_cluster, tmp_path, capsys):
     import ray
 
     from spt_ray.ranking_cache import pass_reporter
-    from spt_ray.store import get_store
+    from spt_ray.store import get_store, store_actor_name
 
     def seen_soon(expected: dict) -> dict:  # the reports are fire-and-forget calls to an async actor
         deadline = time.monotonic() + 30
@@ -158,7 +158,25 @@ def test_a_pass_reports_its_batches_to_the_store(ray_cluster, tmp_path):
     assert ray.get(store.passes_running.remote())["k1"] == {"task": "shapes", "done": 3, "total": 3}
     ray.get(store.pass_progress.remote("k1", "shapes", 2, 3))  # a late, out-of-order report
     assert ray.get(store.passes_running.remote())["k1"]["done"] == 3
+    # the sweep's progress callback polls the store between Tune's steps (passes overlap the trials)
+    cb = SweepProgress({"search": {"shapes": 2}}, live=False, min_redraw_s=0,
+                       store=store_actor_name(tmp_path, "spt-progress-test"))
+    cb.setup()
+    cb.passes = {"k0": {"task": "count", "done": 1, "total": 1}}  # a pass that has ended since the last poll
+    cb.on_step_begin(0, [])
+    lines = capsys.readouterr().err.splitlines()
+    assert [x.split("] ", 1)[1] for x in lines] == ["shapes: computing its sensitivity map",
+                                                    "count: sensitivity map computed"], lines
+    cb.on_step_begin(0, [])
+    assert capsys.readouterr().err == ""  # nothing new: nothing printed
+    live = SweepProgress({"search": {"shapes": 2}}, live=True, min_redraw_s=0,
+                         store=store_actor_name(tmp_path, "spt-progress-test"))
+    live.setup()
+    live.on_step_begin(0, [])
+    assert "map     shapes             3/3    batches" in capsys.readouterr().err
     ray.kill(store)
+    cb.on_step_begin(0, [])  # the store is gone: the callback stops asking, the sweep goes on
+    assert cb.store is None
 
 
 # ---- end to end: `spt-ray tune` in a subprocess, stderr read line by line -----------------------------
