@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -134,7 +133,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
         ranking, info = before_truncated_ranking(smap, needs.space)
     seconds = time.perf_counter() - t0
     out = {"kind": args["kind"], "seconds": seconds, "peak_extra_bytes": _vm("VmHWM") - base,
-           "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "base_rss_bytes": base, "peak_rss_bytes": _vm("VmHWM"),  # the whole process, imports included
            **{k: info[k] for k in ("k", "nbytes", "full_map_bytes", "deep_corners") if k in info}}
     if args.get("save"):
         torch.save({"ids": ranking.ids, "scores": ranking.scores.view(torch.int16), "meta": ranking.meta},
@@ -254,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "small": args.small}
     with tempfile.TemporaryDirectory(prefix="spt-store-bench-") as tmp:
         tmp_path = Path(tmp)
-        for which in ("vitb", "vitl"):
+        for which in args.models:
             key_fields, n = persisted_map(which, args.small, tmp_path / which, log)
             common = {"threads": threads, "small": args.small, "storage": str(tmp_path / which),
                       "key_fields": key_fields,
@@ -270,18 +269,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    for kind in (kinds if r % 2 == 0 else kinds[::-1])} for r in range(args.rounds)]
             store = runs["store"]
             out[f"ranking_bytes_fraction_{which}"] = store["nbytes"] / store["full_map_bytes"]
-            details[which] = {"model": MODELS[which], "entries": n, "map_bytes": 4 * n, "runs": runs}
-    vitb = details["vitb"]["runs"]
-    out["derive_peak_extra_vs_map"] = vitb["store"]["peak_extra_bytes"] / details["vitb"]["map_bytes"]
-    ratios = [r["before"]["seconds"] / r["new"]["seconds"] for r in vitb["rounds"] if "before" in r]
-    out["derive_speedup_vs_before"] = statistics.median(ratios) if ratios else None
-    details["speedup_per_round"] = ratios
-    details["uncovered_configs"] = uncovered_configs()
-    out["full_map_reads"] = sum(details["uncovered_configs"].values()) + details["vitb_corner_plans"]["full_map_reads"]
-    out["zero_copy"] = details["zero_copy"]["same_buffer"]
-    out["vitl_derive_peak_extra_bytes"] = details["vitl"]["runs"]["store"]["peak_extra_bytes"]
-    out["details"] = {**details, "total_s": time.perf_counter() - started,
-                      "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            details[which] = {"model": MODELS[which], "entries": n, "map_bytes": 4 * n, "runs": runs,
+                              "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if "vitb" in details:
+        vitb = details["vitb"]["runs"]
+        out["derive_peak_extra_vs_map"] = vitb["store"]["peak_extra_bytes"] / details["vitb"]["map_bytes"]
+        ratios = [r["before"]["seconds"] / r["new"]["seconds"] for r in vitb["rounds"] if "before" in r]
+        out["derive_speedup_vs_before"] = statistics.median(ratios) if ratios else None
+        details["speedup_per_round"] = ratios
+        details["uncovered_configs"] = uncovered_configs()
+        out["full_map_reads"] = sum(details["uncovered_configs"].values()) + \
+            details["vitb_corner_plans"]["full_map_reads"]
+        out["zero_copy"] = details["zero_copy"]["same_buffer"]
+    if "vitl" in details:
+        out["vitl_derive_peak_extra_bytes"] = details["vitl"]["runs"]["store"]["peak_extra_bytes"]
+        out["vitl_derive_peak_rss_bytes"] = details["vitl"]["runs"]["store"]["peak_rss_bytes"]
+    out["details"] = {**details, f"total_s_{'_'.join(args.models)}": time.perf_counter() - started,
                       "command": "python bench/store_bench.py" + (" --small" if args.small else "")}
     return out
 
@@ -292,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip-before", action="store_true", help="skip the (slow) old derivation")
     ap.add_argument("--rounds", type=int, default=3, help="back-to-back new/before pairs (median ratio)")
     ap.add_argument("--threads", type=int, help="torch threads per derivation (default: torch's)")
+    ap.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS),
+                    help="which backbones (a later run of one merges into the store object)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     ap.add_argument("--silent", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     store = run(args)
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["store"] = store  # every other key stays as it was
+    old = results.get("store", {})  # every other key stays as it was; a run of one model updates its figures
+    results["store"] = {**old, **store, "details": {**old.get("details", {}), **store["details"]}}
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     if not args.silent:
         print(json.dumps({k: v for k, v in store.items() if k != "details"}, indent=1))
