@@ -177,7 +177,9 @@ def _pipelined_makespan(search: list[list[float]], final: list[list[float]], slo
 
 
 def estimate(fig: StepFigures, n_trials: int, k_gpus: int, *, wl: Workload | None = None, asha: bool = False,
-             overhead: float = 0.10) -> dict[str, float]:
+             overhead: float = 0.10, per_run_s: float = 0.0, per_epoch_s: float = 0.0) -> dict[str, float]:
+    """`overhead`: a share of wall time outside steps; `per_run_s` / `per_epoch_s`: the engine's measured
+    seconds per run (start, set-up, scheduling) and per epoch (checkpoint, report), added to every run."""
     wl = wl or Workload()
     slots, speed = wl.slots(k_gpus)
     epoch_s = wl.steps_per_epoch * fig.step_s + wl.eval_batches * fig.eval_s
@@ -189,18 +191,26 @@ def estimate(fig: StepFigures, n_trials: int, k_gpus: int, *, wl: Workload | Non
     final = [[wl.epochs * wl.final_steps_per_epoch * fig.step_s + math.ceil(size / wl.batch) * fig.eval_s]
              * (wl.final_seeds * (1 + wl.baselines)) for size in tests]
     busy = sum(sens) + sum(map(sum, search)) + sum(map(sum, final))
-    pipelined = _pipelined_makespan([[d / speed for d in jobs] for jobs in search],
-                                    [[d / speed for d in jobs] for jobs in final], slots)
+    def slot_s(d: float, epochs: int) -> float:  # a run's time in its slot
+        return d / speed + per_run_s + per_epoch_s * epochs
+
+    search_epochs = [per_task_epochs + [wl.epochs] * wl.baselines for _ in range(wl.tasks)]
+    pipelined = _pipelined_makespan([[slot_s(d, e) for d, e in zip(jobs, eps)] for jobs, eps in zip(search, search_epochs)],
+                                    [[slot_s(d, wl.epochs) for d in jobs] for jobs in final], slots)
     wall = (_makespan(sens, k_gpus) + pipelined) / (1 - overhead)
     return {"n_trials": n_trials, "k_gpus": k_gpus, "slots": slots, "asha": asha, "busy_gpu_h": busy / 3600,
             "wall_h": wall / 3600, "gpu_h": wall * k_gpus / 3600, "search_busy_h": sum(map(sum, search)) / 3600,
             "final_busy_h": sum(map(sum, final)) / 3600, "sensitivity_busy_h": sum(sens) / 3600,
-            "trial_h": wl.epochs * epoch_s / 3600, "overhead": overhead}
+            "trial_h": wl.epochs * epoch_s / 3600, "overhead": overhead, "per_run_s": per_run_s,
+            "per_epoch_s": per_epoch_s}
 
 
-def measured_overhead(path: str) -> float:
-    """The rehearsal's share of slot time outside the simulated steps (bench/scale.json)."""
-    return float(json.load(open(path))["scheduling_overhead_fraction"])
+def measured_overhead(path: str) -> tuple[float, float]:
+    """The engine's seconds per run and per epoch outside the simulated steps, from the rehearsal
+    (bench/scale.json). Seconds, not its share: the rehearsal's runs are short (a few scaled epochs), so
+    the share it measures would overstate a 100-epoch run's."""
+    data = json.load(open(path))
+    return float(data["overhead_s_per_run"]), float(data["overhead_s_per_epoch"])
 
 
 def figures_from_results(results: dict[str, Any], gpu_step_s: float | None = None,
@@ -230,11 +240,12 @@ def figures_from_results(results: dict[str, Any], gpu_step_s: float | None = Non
 
 
 def cost_table(fig: StepFigures, *, trials=(16, 32), gpus=(8, 32), overhead: float = 0.10,
-               wl: Workload | None = None) -> dict[str, Any]:
+               wl: Workload | None = None, per_run_s: float = 0.0, per_epoch_s: float = 0.0) -> dict[str, Any]:
     wl = wl or Workload()
-    rows = [estimate(fig, n, k, wl=wl, asha=asha, overhead=overhead)
+    rows = [estimate(fig, n, k, wl=wl, asha=asha, overhead=overhead, per_run_s=per_run_s, per_epoch_s=per_epoch_s)
             for n in trials for k in gpus for asha in (False, True)]
     return {"source": fig.source, "label": fig.label, "figures": asdict(fig), "overhead": overhead,
+            "per_run_s": per_run_s, "per_epoch_s": per_epoch_s,
             "workload": {k: v for k, v in asdict(wl).items() if k != "test_sizes"}, "rows": rows}
 
 
@@ -246,7 +257,9 @@ def format_cost_table(table: dict[str, Any]) -> str:
     lines = [head,
              f"  19 tasks x N trials x {wl['epochs']} epochs x {math.ceil(wl['train_images'] / wl['batch'])} steps "
              f"(+ val eval each epoch), final {wl['final_seeds']} seeds on {wl['final_images']} images + test eval, "
-             f"{wl['baselines']} baseline(s)/task, overhead {table['overhead']:.0%} outside steps",
+             f"{wl['baselines']} baseline(s)/task, overhead {table['overhead']:.0%} outside steps"
+             + (f" + measured {table['per_run_s']:.1f} s per run, {table['per_epoch_s']:.2f} s per epoch"
+                if table.get("per_run_s") else ""),
              f"  {'N':>3} {'K':>3} | {'busy GPU-h':>10} {'wall h':>8} {'GPU-h (K x wall)':>16} | "
              f"{'ASHA busy GPU-h':>15} {'ASHA wall h':>11} {'ASHA GPU-h':>10}"]
     rows = table["rows"]
@@ -269,14 +282,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baselines", type=int, default=3)
     ap.add_argument("--max-concurrent", type=int, default=10**6)
     args = ap.parse_args(argv)
+    per_run = per_epoch = 0.0
     if args.overhead is None:
-        args.overhead = measured_overhead(args.overhead_from) if Path(args.overhead_from).is_file() else 0.10
+        measured = Path(args.overhead_from).is_file() and "overhead_s_per_run" in json.load(open(args.overhead_from))
+        per_run, per_epoch = measured_overhead(args.overhead_from) if measured else (0.0, 0.0)
+        args.overhead = 0.0 if measured else 0.10
     results = json.load(open(args.from_json)) if args.from_json else {}
     if not results and not args.step_s:
         sys.exit("pass --from-json RESULTS or --step-s SECONDS")
     fig = figures_from_results(results, args.step_s, args.eval_s)
     wl = Workload(baselines=args.baselines, max_concurrent=args.max_concurrent)
-    print(format_cost_table(cost_table(fig, overhead=args.overhead, wl=wl)))
+    print(format_cost_table(cost_table(fig, overhead=args.overhead, wl=wl, per_run_s=per_run, per_epoch_s=per_epoch)))
 
 
 if __name__ == "__main__":

@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         used_slots = min(slots, spec.max_concurrent)
         tune_s = result.overhead.get("tune_s") or wall
         simulated = sum((r["train_s"] or 0) + (r["eval_s"] or 0) for r in epochs)
+        per_epoch = sum(r["checkpoint_s"] or 0 for r in epochs) / max(1, len(epochs))  # checkpoint + report
+        per_run = (tune_s * used_slots - simulated - per_epoch * len(epochs)) / max(1, len(runs))
         out = {
             "scheduling_overhead_fraction": round(1 - simulated / (tune_s * used_slots), 4),
             "idle_slot_fraction_phase_edges": round(idle_at_edges(rows, used_slots), 4),
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "driver_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
             "wall_s": round(wall, 1), "tune_s": round(tune_s, 1), "scale_factor": args.scale,
             "sweep_overhead_share": result.overhead.get("share"),
+            "overhead_s_per_run": round(per_run, 2), "overhead_s_per_epoch": round(per_epoch, 3),  # the cost model's
             "shape": {"tasks": len(tasks), "trials": args.trials, "final_seeds": args.seeds,
                       "baselines": args.baselines, "epochs": args.epochs, "grace_period": spec.scheduler.grace_period,
                       "gpus": args.gpus, "nodes": args.nodes, "gpu_per_trial": args.gpu_per_trial, "slots": used_slots,

@@ -216,10 +216,6 @@ class ResultsWriter:
         """Remove the stored rows of `phase` that `mask_of(table)` marks; their ids may be written again."""
         return self.call(lambda files: files.remove(phase, mask_of))
 
-    @property
-    def written_ids(self) -> set[str]:
-        return set(self.files.rows) if self.files is not None else set()
-
     def flush(self, timeout: float = 60.0) -> None:
         """Block until every row queued so far is on storage."""
         done = threading.Event()
