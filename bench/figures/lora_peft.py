@@ -57,27 +57,32 @@ def measure_lora_vs_peft(*, arch: str, img_size: int, batch: int, rank: int, rou
     x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
 
+    cpu: dict[str, list[float]] = {n: [] for n in models}
+
     def step(name: str) -> float:
         model, opt = models[name], opts[name]
         model.train()
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast_ctx(device, amp):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sync(device)
+        cpu[name].append(time.process_time() - c0)
         return time.perf_counter() - t0
 
     for name in models:
         for _ in range(warmup):
             step(name)
+        cpu[name].clear()
     times: dict[str, list[float]] = {n: [] for n in models}
     for r in range(rounds):
         for name in (("spt_core", "peft") if r % 2 == 0 else ("peft", "spt_core")):
             times[name].append(step(name))
     ratios = [a / b for a, b in zip(times["spt_core"], times["peft"])]
+    cpu_ratios = [a / b for a, b in zip(cpu["spt_core"], cpu["peft"])]
     del models, opts, ours, peft_model
     gc.collect()
     import peft
@@ -85,7 +90,8 @@ def measure_lora_vs_peft(*, arch: str, img_size: int, batch: int, rank: int, rou
     log(f"  LoRA r{rank} on {arch}, batch {batch}: spt_core {median(times['spt_core']):.3f} s vs PEFT "
         f"{median(times['peft']):.3f} s -> {median(ratios):.3f} ({params['spt_core']:,} vs {params['peft']:,} "
         "trainable)")
-    return {"ratio": median(ratios), "ratio_per_round": ratios, "step_s": times,
+    return {"ratio": median(ratios), "ratio_per_round": ratios, "cpu_time_ratio": median(cpu_ratios),
+            "cpu_time_ratio_per_round": cpu_ratios, "step_s": times,
             "step_s_median": {n: median(v) for n, v in times.items()}, "trainable_params": params,
             "arch": arch, "img_size": img_size, "batch": batch, "rank": rank, "rounds": rounds,
             "lora_dropout": plan.lora_dropout, "lora_drop_path": plan.lora_drop_path, "peft": peft.__version__,

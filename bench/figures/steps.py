@@ -43,7 +43,8 @@ def measure_steps(spec: ModelSpec, plans: dict[str, Any], *, batch: int, rounds:
     for other in ("lora", "full"):
         if "spt" in times and other in times:
             out[f"spt_vs_{other}_per_round"] = [a / b for a, b in zip(times["spt"], times[other])]
-            out[f"spt_vs_{other}_cpu_time"] = median([a / b for a, b in zip(cpu["spt"], cpu[other])])
+            out[f"spt_vs_{other}_cpu_per_round"] = [a / b for a, b in zip(cpu["spt"], cpu[other])]
+            out[f"spt_vs_{other}_cpu_time"] = median(out[f"spt_vs_{other}_cpu_per_round"])
     return out
 
 

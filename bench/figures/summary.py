@@ -92,19 +92,24 @@ def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     if st.get("step_s_median"):
         n.append("median step: " + ", ".join(f"{k} {v:.3f} s" for k, v in st["step_s_median"].items())
                  + f" at batch {st['batch']} ({st['rounds']} interleaved rounds)")
-    rounds = st.get("spt_vs_lora_per_round") or []
-    if rounds:
-        n.append(f"SPT/LoRA step per round: {min(rounds):.3f}..{max(rounds):.3f} (median {median(rounds):.3f})")
+    for clock, key in (("wall", "spt_vs_lora_per_round"), ("CPU", "spt_vs_lora_cpu_per_round")):
+        rounds = st.get(key) or []
+        if rounds:
+            n.append(f"SPT/LoRA step by {clock} time per round: {min(rounds):.3f}..{max(rounds):.3f} "
+                     f"(median {median(rounds):.3f})")
     lp = raw.get("lora_peft") or {}
     if lp.get("ratio_per_round"):
+        cpu = lp.get("cpu_time_ratio_per_round") or [float("nan")]
         n.append(f"LoRA vs PEFT on {lp['arch']} at batch {lp['batch']}, rank {lp['rank']} ({lp['trainable_params']}"
-                 f" trainable): per round {min(lp['ratio_per_round']):.3f}..{max(lp['ratio_per_round']):.3f}")
+                 f" trainable): wall time per round {min(lp['ratio_per_round']):.3f}..{max(lp['ratio_per_round']):.3f}"
+                 f" (median {lp['ratio']:.3f}), CPU time per round {min(cpu):.3f}..{max(cpu):.3f}")
     sl = raw.get("sparse_layer") or {}
     for key in ("0.1%", "1%"):
         if key in sl:
             n.append(f"sparse layer at {key}: K={sl[key]['k']}, entry gradients by the {sl[key]['kernel']} kernel, "
                      f"per round {min(sl[key]['ratio_per_round']):.3f}..{max(sl[key]['ratio_per_round']):.3f}, "
-                     f"by this process's CPU time {sl[key]['cpu_time_ratio']:.3f}")
+                     f"median by wall time {sl[key]['ratio']:.3f}, by this process's CPU time "
+                     f"{sl[key]['cpu_time_ratio']:.3f}")
     mem = raw.get("memory") or {}
     fit = mem.get("fit") or {}
     if fit:
