@@ -23,10 +23,11 @@ from typing import Any
 import ray
 
 from spt_core.experiment import compute_task_sensitivity
-from spt_core.progress import ProgressSink, progress_sink
+from spt_core.progress import progress_sink
 from spt_core.layout import ModelLayout
 from spt_core.sensitivity import Ranking
 
+from .passes import pass_reporter
 from .rankings import MapFile, derive_ranking, map_stream
 from .space import RankingNeeds
 from .storage import Storage
@@ -119,19 +120,6 @@ def rank_from_disk(storage: Storage, key_fields: dict[str, Any], needs: RankingN
     info["sensitivity_s"] = float(manifest["meta"].get("seconds", 0.0))
     save_ranking(storage, key, needs, ranking, info, manifest["sha256"][MAP_FILE])
     return "ok", ranking, info
-
-
-def pass_reporter(store: Any, key: str, task: str, every_s: float = 0.5) -> ProgressSink:
-    """A progress sink telling the store (fire and forget, at most every `every_s` and at the end) how many
-    batches of `task`'s sensitivity pass are done; a no-op without a store."""
-    last = [0.0]
-
-    def report(desc: str, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if store is not None and desc == "sensitivity" and (now - last[0] >= every_s or done == total):
-            last[0] = now
-            store.pass_progress.remote(key, task, done, total)
-    return report
 
 
 @ray.remote(max_retries=2)

@@ -51,6 +51,7 @@ from spt_core.data.fingerprint import split_fingerprint
 from spt_core.sensitivity import SensitivityMap, check_sensitivity_split
 
 from .maplock import MapLock, once_across_drivers
+from .passes import PassBoard, fetch_rankings  # noqa: F401  (fetch_rankings: the store's blocking API)
 from .space import RankingNeeds
 from .storage import Storage
 
@@ -221,7 +222,7 @@ def load_map(storage: Storage, key_fields: dict[str, Any]) -> SensitivityMap:
 
 # ---- the actor ----------------------------------------------------------------------------------
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class SensitivityStore:
+class SensitivityStore(PassBoard):
     """See the module docstring. Async: many trials wait on one computation without blocking others."""
 
     def __init__(self, storage: str, num_gpus: float = 0.0, num_cpus: float = 1.0, max_reloads: int = 2,
@@ -317,16 +318,6 @@ class SensitivityStore:
             self.inflight.pop(key, None)
             self.passes.pop(key, None)
 
-    def pass_progress(self, key: str, task: str, done: int, total: int | None) -> None:
-        """A running sensitivity pass reports its batches (spt_ray.progress shows them to the driver). An
-        async actor may run these calls out of order: the count never goes back."""
-        done = max(done, self.passes.get(key, {}).get("done", 0))
-        self.passes[key] = {"task": task, "done": done, "total": total}
-
-    def passes_running(self) -> dict[str, dict[str, Any]]:
-        """Sensitivity passes computing now: key -> task, batches done, batches planned."""
-        return {k: dict(v) for k, v in self.passes.items()}
-
     async def _materialize(self, key_fields: dict[str, Any], request: SensitivityRequest,
                            needs: RankingNeeds) -> RankingHandle:
         key = key_fields["key"]
@@ -405,12 +396,3 @@ def get_store(storage: str | os.PathLike, *, num_gpus: float = 0.0, num_cpus: fl
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=head, soft=False)
     return SensitivityStore.options(**options).remote(root, num_gpus, num_cpus, max_reloads, lock_stale_s)
 
-
-def fetch_rankings(store: ray.actor.ActorHandle, requests: dict[str, SensitivityRequest],
-                   needs: dict[str, RankingNeeds], holder: str | None = None) -> dict[str, RankingHandle]:
-    """Ask the store for every task at once (the store runs their computations in parallel); `holder` (a
-    sweep run) keeps them cached in the store until it calls `store.release.remote(holder)`."""
-    from .progress import wait_for_rankings  # a bar per computing pass on a terminal, a line per task
-
-    refs = {task: store.get_ranking.remote(req, needs[task], holder) for task, req in requests.items()}
-    return wait_for_rankings(store, refs)

@@ -136,7 +136,7 @@ def test_progress_sink_hears_every_batch_of_the_sensitivity_pass(vit):
 def test_a_pass_reports_its_batches_to_the_store(ray_cluster, tmp_path, capsys):
     import ray
 
-    from spt_ray.ranking_cache import pass_reporter
+    from spt_ray.passes import pass_reporter
     from spt_ray.store import get_store, store_actor_name
 
     def seen_soon(expected: dict) -> dict:  # the reports are fire-and-forget calls to an async actor
