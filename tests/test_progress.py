@@ -24,7 +24,8 @@ from spt_ray.progress import (QUIET_LOGGERS, SweepProgress, clock, eta, planned_
 from spt_ray.search import FixedSearcher
 
 ROOT = Path(__file__).resolve().parents[1]
-NOISE = ("Checkpoint successfully created", "Trial status", "(pid=", "Configuration for experiment",
+# Ray prefixes a worker's forwarded lines with "(<actor> pid=<n>)"
+NOISE = ("Checkpoint successfully created", "Trial status", "pid=", "Configuration for experiment",
          "View detailed results", "Started a local Ray instance", "A new study created", "Wrote the latest version")
 
 
