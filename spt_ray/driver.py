@@ -48,8 +48,8 @@ from .results import ResultsCallback, ResultsWriter, RowContext, read_results, r
 from .resume import purge_rows, restorable_trials
 from .pipeline import DriverHooks, PipelineSearcher, register_hooks
 from .search import PerTaskScheduler, PerTaskSearcher
-from .selection import (CONFIG_KEYS, SELECTION_COLUMNS, final_configs, pareto_front, persist_selection,  # noqa: F401
-                        read_selection, select_best, summarize_final)
+from .selection import (CONFIG_KEYS, FRONT_COST, SELECTION_COLUMNS, final_configs, pareto_front,  # noqa: F401
+                        persist_selection, read_selection, select_best, summarize_final)
 from .space import RankingNeeds, fixed_configs
 from .simulate import SimulatedStep
 from .spec import SweepSpec
@@ -339,7 +339,8 @@ def _sweep(spec: SweepSpec, stage: list[str], simulate: SimulatedStep | None = N
     wall = time.perf_counter() - started
     result = SweepResult(
         name=spec.name, storage=storage.root, results_path=storage.uri("results", f"sweep={spec.name}"),
-        best=best, final=summarize_final(table) if spec.run_final else {}, pareto=pareto_front(table),
+        best=best, final=summarize_final(table) if spec.run_final else {},
+        pareto=pareto_front(table, FRONT_COST[spec.multi_objective]),
         sensitivity={t: _sensitivity_summary(h) for t, h in handles.items()},
         overhead={**measure_overhead(epochs, wall, slots, sensitivity_wall), **phase_s}, store_stats=store_stats,
         trials=trials)
