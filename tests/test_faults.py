@@ -295,12 +295,16 @@ def test_nested_ray_errors_unwrap_to_the_projects_line():
 def test_ctrl_c_held_through_a_block_arrives_after_it():
     from spt_ray.faults import sigint_held
 
-    with pytest.raises(KeyboardInterrupt):
-        with sigint_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the handler runs here: it must not raise inside the block
-            finished = True
-    assert finished and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # earlier tests (Ray) may have replaced it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs here: it must not raise inside the block
+                finished = True
+        assert finished and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_overhead_counts_only_the_epochs_this_invocation_ran():
