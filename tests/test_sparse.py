@@ -85,3 +85,42 @@ def test_low_precision_autocast_takes_the_sddmm_path_with_fp32_accumulation(dtyp
     g64, x64 = upstream.double().reshape(-1, 48), x.detach().to(dtype).double().reshape(-1, 64)
     exact = (g64[:, rows] * x64[:, cols]).sum(0)
     torch.testing.assert_close(delta.grad.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["sddmm", "gemm", "gather"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_every_gradient_path_equals_the_brute_force_sum_over_tokens(path, dtype):
+    """Each kernel sampled_grad can take (sddmm on CPU, gemm on CUDA, the gather fallback), forced here on CPU,
+    against the explicit per-entry sum of the same operands in fp64; low-precision operands accumulate in fp32
+    (gemm rounds its product once to bf16 on a CPU, which has no fp32-output GEMM)."""
+    _, _, _, _, rows, cols, pattern = setup(d_in=64, d_out=48, k=300)
+    gen = torch.Generator().manual_seed(3)
+    g, x = torch.randn(500, 48, generator=gen).to(dtype), torch.randn(500, 64, generator=gen).to(dtype)
+    brute = torch.stack([(g[:, r].double() * x[:, c].double()).sum() for r, c in zip(rows.tolist(), cols.tolist())])
+    before = dict(PATH_COUNTS)
+    got = sampled_grad(g, x, rows, cols, pattern, path=path)
+    assert PATH_COUNTS[path] == before[path] + 1
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    if dtype == torch.bfloat16 and path == "gemm":  # one rounding to bf16: half an ulp, 2^-9 relative
+        assert ((got.double() - brute).abs() <= brute.abs() * 2.0 ** -8 + 1e-3).all()
+    else:
+        tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-4}[dtype]
+        torch.testing.assert_close(got.double(), brute, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_takes_the_gemm_path_and_matches_the_dense_reference():
+    weight, bias, x, delta, rows, cols, pattern = (t.cuda() if isinstance(t, torch.Tensor) else t for t in
+                                                   setup(d_in=768, d_out=768, k=590, tokens=(8, 197)))
+    x, delta = x.detach().requires_grad_(), delta.detach().requires_grad_()
+    before = dict(PATH_COUNTS)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = sparse_delta_linear(x, weight, bias, delta, rows, cols, pattern)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    assert PATH_COUNTS["gemm"] == before["gemm"] + 1 and PATH_COUNTS["sddmm"] == before["sddmm"]
+    w_dense = weight.clone().index_put((rows, cols), delta.detach(), accumulate=True).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_ref = F.linear(x.detach(), w_dense, bias)
+    y_ref.backward(upstream)
+    torch.testing.assert_close(delta.grad, w_dense.grad[rows, cols].float(), rtol=2e-2, atol=2e-1)

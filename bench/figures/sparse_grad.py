@@ -70,7 +70,7 @@ def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0
         mask[rows, cols] = 1
 
         fns = {
-            "sddmm": lambda: sampled_grad(G, X, rows, cols, pattern),
+            "sddmm": lambda: sampled_grad(G, X, rows, cols, pattern, path="sddmm"),  # the kernel, on any device
             "dense_masked": lambda: (G.t() @ X)[rows, cols],
             "sparse_layer_backward": lambda: torch.autograd.grad(
                 sparse_delta_linear(xg, W, None, delta, rows, cols, pattern), (xg, delta), G),

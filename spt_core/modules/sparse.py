@@ -13,8 +13,11 @@ input channels, so this is typically a few percent of it).
 Under bf16 / fp16 autocast the layer runs in the autocast dtype like a plain Linear (merged weight built in that
 dtype, the input cast once and saved in it), and the K dot products still go through the SDDMM kernel: the
 low-precision operands are widened to fp32 in the same pass that lays them out for the kernel, so the entry
-gradients accumulate in fp32. The per-entry gather is only a fallback (no pattern, or a device without the
-kernel); `PATH_COUNTS` records which one ran.
+gradients accumulate in fp32. On CUDA the K entries are read from the dense product G^T X instead (cuBLAS on the
+operands as they are, fp32 accumulation, then a gather): on an H200 at ViT-B/16 shapes and batch 64 that took
+36-105 us a layer against about 275 us for cuSPARSE's sampled matmul plus the two transposing copies it needs
+(bench/gpu/). The product is one weight-sized buffer, freed at once. The per-entry gather is only a fallback
+(no pattern on CPU, or a device with neither kernel); `PATH_COUNTS` records which one ran.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import torch
 from torch.nn import functional as F
 
 _GATHER_CHUNK = 1 << 22  # max tokens * entries per chunk in the gather fallback
-SDDMM_DEVICES = ("cpu", "cuda")  # where torch.sparse.sampled_addmm has a kernel
+# The fastest measured way to the K entry gradients, by device type (bench/figures/sparse_grad.py on CPU,
+# bench/gpu_grad_paths.py on CUDA); a device not listed takes the gather fallback.
+FAST_PATH = {"cpu": "sddmm", "cuda": "gemm"}
 # Which kernel `sampled_grad` ran, by name: the bench and the tests read it to check the fast path is taken.
-PATH_COUNTS: dict[str, int] = {"sddmm": 0, "gather": 0}
+PATH_COUNTS: dict[str, int] = {"sddmm": 0, "gemm": 0, "gather": 0}
 
 
 def merged_weight(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor,
@@ -61,25 +66,47 @@ def csr_pattern(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) 
 
 
 def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                 pattern: torch.Tensor | None) -> torch.Tensor:
+                 pattern: torch.Tensor | None, path: str | None = None) -> torch.Tensor:
     """sum over tokens of grad_out[:, rows[j]] * x[:, cols[j]] for every j (2-D inputs: tokens x features).
 
-    The SDDMM kernel reads rows of grad_out^T and of x^T; both are laid out that way (contiguous) in one copy
-    that also widens bf16 / fp16 to fp32 (the kernel has no low-precision version, and fp32 accumulation is
-    what the dense bf16 GEMM does too). fp64 stays fp64. The result is in the accumulation dtype.
+    `path` (default: FAST_PATH for the device) picks the kernel:
+    - "sddmm" (needs `pattern`): the kernel reads rows of grad_out^T and of x^T; both are laid out that way
+      (contiguous) in one copy that also widens bf16 / fp16 to fp32 (the kernel has no low-precision version,
+      and fp32 accumulation is what the dense bf16 GEMM does too). fp64 stays fp64.
+    - "gemm": the dense product grad_out^T x, then the K entries. Low-precision operands go in as they are;
+      the GEMM accumulates in fp32 and writes fp32 where torch can (mm's out_dtype, CUDA), else rounds once to
+      the operands' dtype, as a trainable Linear's weight gradient is under autocast.
+    - "gather": chunks of K gathered columns, in fp32.
+    The result is in the accumulation dtype (fp32, or fp64 for fp64 inputs).
     """
-    if pattern is not None and grad_out.device.type in SDDMM_DEVICES:
-        acc = torch.float64 if torch.float64 in (grad_out.dtype, x.dtype) else torch.float32
+    acc = torch.float64 if torch.float64 in (grad_out.dtype, x.dtype) else torch.float32
+    path = path or FAST_PATH.get(grad_out.device.type, "gather")
+    if path == "gemm":
+        PATH_COUNTS["gemm"] += 1
+        return _product_acc(grad_out.t(), x, acc)[rows, cols].to(acc)
+    if path == "sddmm" and pattern is not None:
         g_t = grad_out.t().to(acc, memory_format=torch.contiguous_format)
         x_t = x.t().to(acc, memory_format=torch.contiguous_format)
         pattern = pattern.to(device=grad_out.device, dtype=acc)
         PATH_COUNTS["sddmm"] += 1
         return torch.sparse.sampled_addmm(pattern, g_t, x_t.t(), beta=0.0).values()
     PATH_COUNTS["gather"] += 1
-    g, x = grad_out.float(), x.float()
+    g, x = grad_out.to(acc), x.to(acc)
     step = max(1, _GATHER_CHUNK // max(1, g.shape[0]))
     parts = [(g[:, rows[i:i + step]] * x[:, cols[i:i + step]]).sum(0) for i in range(0, rows.numel(), step)]
     return torch.cat(parts) if parts else g.new_zeros(0)
+
+
+def _product_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a @ b with fp32 (or fp64) accumulation: low-precision operands stay as they are (tensor cores)."""
+    if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        if a.is_cuda:
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (TypeError, RuntimeError):  # torch without mm's out_dtype
+                pass
+        return a @ b
+    return a.to(acc) @ b.to(acc)
 
 
 class SparseDeltaLinear(torch.autograd.Function):
