@@ -134,10 +134,15 @@ def eta(elapsed: float, work: float, work_at_start: float, total: float) -> floa
     return elapsed * max(0.0, total - work) / gained
 
 
+def percent(value: float) -> str:
+    """An accuracy as a person reads it here, in every table and line: `81.25%`."""
+    return f"{100 * value:.2f}%"
+
+
 def event_line(phase: str, elapsed: float, task: str, row: Mapping[str, Any], totals: Mapping[str, Any],
                left: float | None, what: str) -> str:
-    """`[search 0:42] shapes 1/3 done, 2 running, best val_acc 0.812 | all 1/6, ETA 1:10 | finished <trial>`."""
-    best = f"{row['best']:.3f}" if row["best"] is not None else "-"
+    """`[search 0:42] shapes 1/3 done, 2 running, best val_acc 81.25% | all 1/6, ETA 1:10 | finished <trial>`."""
+    best = percent(row["best"]) if row["best"] is not None else "-"
     return (f"[{phase} {clock(elapsed)}] {task} {row['done']}/{row['planned']} done, {row['running']} running, "
             f"best {PHASE_METRIC.get(phase, 'val_acc')} {best} | all {totals['done']}/{totals['planned']}, "
             f"ETA {clock(left)} | {what}")
@@ -150,7 +155,7 @@ def table_lines(elapsed: float, counts: Mapping[str, Mapping[str, Mapping[str, A
     for phase, rows in counts.items():
         for task in sorted(rows):
             row = rows[task]
-            best = f"{PHASE_METRIC.get(phase, '')} {row['best']:.3f}" if row["best"] is not None else "-"
+            best = f"{PHASE_METRIC.get(phase, '')} {percent(row['best'])}" if row["best"] is not None else "-"
             lines.append(f"{phase:<8}{task:<16}{row['done']:>4}/{row['planned']:<4}{row['running']:>9}  {best}")
     lines.append(f"{totals['done']}/{totals['planned']} trials done, {totals['running']} running, "
                  f"elapsed {clock(elapsed)}, ETA {clock(left)}")
@@ -209,7 +214,7 @@ class SweepProgress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         metric = PHASE_METRIC.get(phase_of(trial, self.default_phase), "val_acc")
         value = (trial.last_result or {}).get(metric)
-        shown = f" {metric} {value:.3f}" if isinstance(value, (int, float)) else ""
+        shown = f" {metric} {percent(value)}" if isinstance(value, (int, float)) else ""
         self._event(trials, trial, "TERMINATED", f"finished {trial}{shown}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

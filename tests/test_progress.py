@@ -76,14 +76,14 @@ def test_event_lines_and_live_table(capsys):
     cb.setup()
     cb.on_trial_complete(0, TRIALS, TRIALS[4])
     line = capsys.readouterr().err.strip()
-    assert re.match(r"\[search 0:0\d\] dtd 1/2 done, 0 running, best val_acc 0\.200 \| all 4/11, ETA \S+ \| "
-                    r"finished .* val_acc 0\.200$", line), line
+    assert re.match(r"\[search 0:0\d\] dtd 1/2 done, 0 running, best val_acc 20\.00% \| all 4/11, ETA \S+ \| "
+                    r"finished .* val_acc 20\.00%$", line), line
     cb.on_trial_complete(0, TRIALS, TRIALS[5])
     assert "[final" in capsys.readouterr().err
     counts = task_counts(TRIALS, PLANNED)
     table = table_lines(5.0, counts, {"done": 3, "running": 2, "planned": 11}, None)
-    assert table[1].split() == ["search", "cifar", "2/5", "1", "val_acc", "0.700"]
-    assert table[4].split() == ["final", "dtd", "1/2", "0", "test_acc", "0.400"]
+    assert table[1].split() == ["search", "cifar", "2/5", "1", "val_acc", "70.00%"]
+    assert table[4].split() == ["final", "dtd", "1/2", "0", "test_acc", "40.00%"]
     assert table[-1] == "3/11 trials done, 2 running, elapsed 0:05, ETA ?"
     cb.on_trial_start(0, TRIALS, TRIALS[1])
     cb.on_trial_recover(0, TRIALS, TRIALS[1])
@@ -222,5 +222,5 @@ def test_tune_shows_progress_lines_and_no_ray_noise(ray_cluster, ray_mini_root, 
         # best so far == the best of the runs' last reports in Parquet (the rows the driver wrote)
         kind = "trial" if phase == "search" else "final"
         best = max(r[metric] for r in table if r["phase"] == phase and r["row_kind"] == kind)
-        assert last[6] == f"{best:.3f}"
-    assert f'{result["best"]["shapes"]["val_acc"]:.3f}' == [e for e in events if e[0] == "search"][-1][6]
+        assert last[6] == f"{100 * best:.2f}%"
+    assert f'{100 * result["best"]["shapes"]["val_acc"]:.2f}%' == [e for e in events if e[0] == "search"][-1][6]
