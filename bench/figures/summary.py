@@ -81,7 +81,8 @@ def readme_table(results: dict[str, Any]) -> str:
     lines.append(machine_line(results) + ".")
     for f, why in (results.get("reasons") or {}).items():
         lines.append(f"- `{f}` null: {why}")
-    lines.extend(f"- {n}" for n in results.get("notes") or [])
+    lines.extend(f"- {n}" for n in (notes(results["raw"], results["settings"]) if results.get("raw") else
+                                    results.get("notes") or []))  # from the raw figures: notes read as they do now
     return "\n".join(lines)
 
 
@@ -113,11 +114,13 @@ def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     mem = raw.get("memory") or {}
     fit = mem.get("fit") or {}
     if fit:
-        n.append("peak memory (live-tensor RSS, grad checkpointing " + ("on" if mem.get("grad_checkpointing")
+        how = "torch.cuda.max_memory_allocated" if settings.get("device") == "cuda" else "live-tensor RSS"
+        n.append(f"peak memory ({how}, grad checkpointing " + ("on" if mem.get("grad_checkpointing")
                  else "off") + f", batches {mem.get('batches')}): " + ", ".join(
                      f"{k} {v['peak_mib']:.0f} MiB at batch {v['measured_batch']}"
                      + (f" + {v['per_image_mib']:.1f}/image -> {v['at_64_mib']:.0f} at 64"
-                        if v.get("per_image_mib") is not None else "") for k, v in fit.items()))
+                        if v.get("per_image_mib") is not None and v["measured_batch"] != 64 else "")
+                     for k, v in fit.items()))
     wo = mem.get("without_checkpointing") or {}
     if wo.get("spt_vs_full_at_64"):
         n.append(f"without checkpointing (saved-tensor bytes per image + fixed): SPT/full at batch 64 "
