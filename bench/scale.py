@@ -141,6 +141,11 @@ class Sampler(threading.Thread):
                 pass
 
 
+def _median(values: list[float | None]) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    return round(vals[len(vals) // 2], 3) if vals else None
+
+
 def idle_at_edges(rows: list[dict[str, Any]], slots: int) -> float:
     """Idle slot fraction between the first and the last task's end of search (trial spans from rows)."""
     spans = [(r["created_at"].timestamp() - r["wall_s"], r["created_at"].timestamp(), r)
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--baselines", nargs="*", default=list(vtab["baselines"]))
     ap.add_argument("--epochs", type=int, default=vtab["train"]["epochs"])
     ap.add_argument("--grace", type=int, default=vtab["scheduler"]["grace_period"])
+    ap.add_argument("--checkpoint-every", type=int, default=vtab["checkpoint_every"], help="epochs between checkpoints")
     ap.add_argument("--gpus", type=int, default=16)
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--gpu-per-trial", type=float, default=0.5)
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "num_samples": args.trials, "baselines": args.baselines, "final_seeds": list(range(args.seeds)),
             "train": {**vtab["train"], "epochs": args.epochs},
             "scheduler": {"kind": "asha", "grace_period": min(args.grace, args.epochs)},
+            "checkpoint_every": min(args.checkpoint_every, args.epochs),
             "resources": {"cpu": 0.5, "gpu": args.gpu_per_trial},
             "max_concurrent": args.max_concurrent or slots})
         t0 = time.perf_counter()
@@ -241,8 +248,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "wall_s": round(wall, 1), "tune_s": round(tune_s, 1), "scale_factor": args.scale,
             "sweep_overhead_share": result.overhead.get("share"),
             "overhead_s_per_run": round(per_run, 2), "overhead_s_per_epoch": round(per_epoch, 3),  # the cost model's
+            # where a run's own time goes (medians over runs): set-up, checkpoints+reports, and its whole span
+            "run_setup_s_median": _median([r["setup_s"] for r in runs]),
+            "run_checkpoint_s_median": _median([r["checkpoint_s"] for r in runs]),
+            "run_wall_s_median": _median([r["wall_s"] for r in runs]),
+            "run_simulated_s_median": _median([(r["train_s"] or 0) + (r["eval_s"] or 0) for r in runs]),
             "shape": {"tasks": len(tasks), "trials": args.trials, "final_seeds": args.seeds,
                       "baselines": args.baselines, "epochs": args.epochs, "grace_period": spec.scheduler.grace_period,
+                      "checkpoint_every": spec.checkpoint_every,
                       "gpus": args.gpus, "nodes": args.nodes, "gpu_per_trial": args.gpu_per_trial, "slots": used_slots,
                       "map_entries": entries, "search_runs": sum(r["phase"] == "search" for r in runs),
                       "final_runs": sum(r["phase"] == "final" for r in runs), "epochs_reported": len(epochs)},

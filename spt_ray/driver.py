@@ -300,7 +300,8 @@ def _sweep(spec: SweepSpec, stage: list[str], simulate: SimulatedStep | None = N
         storage.write_bytes(storage.path("sweeps", spec.name, "spec.json"),  # from here on, the sweep exists
                             json.dumps(spec.to_dict(), indent=1, default=str).encode())
         contexts = {phase: TrialContext(phase, spec.suite, spec.data_root, spec.backbone, recipe.to_dict(),
-                                        spec.img_size, spec.num_workers, storage.root, requests, needs, simulate)
+                                        spec.img_size, spec.num_workers, storage.root, requests, needs, simulate,
+                                        spec.checkpoint_every)
                     for phase, recipe in (("search", spec.train), ("final", spec.final_recipe))}
         rc = RowContext(spec.name, "search", spec.suite, spec.backbone.name, first.key_fields["backbone_hash"])
 

@@ -35,6 +35,7 @@ def add_tune_args(p: argparse.ArgumentParser, *, suite: str | None = None) -> ar
     p.add_argument("--backbone", help="timm model name")
     p.add_argument("--weights", help="local backbone weights (.npz, .pth, .safetensors)")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--checkpoint-every", type=int, help="epochs between a trial's checkpoints (and after its last)")
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--gpus-per-trial", type=float, help="fractional allowed, e.g. 0.25")
     p.add_argument("--multi-objective", action="store_true",
@@ -67,6 +68,7 @@ def spec_from_args(args: argparse.Namespace, suite: str) -> dict[str, Any]:
         spec.update(read_yaml_mapping(args.config, "--config"))
     flags = {"tasks": args.tasks, "name": args.name, "num_samples": args.num_samples,
              "final_seeds": args.final_seeds, "baselines": args.baselines, "max_concurrent": args.max_concurrent,
+             "checkpoint_every": args.checkpoint_every,
              "address": args.address, "sampler": args.sampler, "warm_start_from": args.warm_start_from,
              "optuna_storage": args.optuna_storage}
     spec.update({k: v for k, v in flags.items() if v is not None})

@@ -154,6 +154,9 @@ class SweepSpec:
     sensitivity: SensitivitySpec = field(default_factory=SensitivitySpec)
     num_workers: int = 0
     max_failures: int = 2
+    # A trial checkpoints every N epochs and after its last (1: every epoch). A restart (node loss, resume)
+    # repeats at most N - 1 epochs; with ASHA's rungs at multiples of N a stopped trial's last epoch is saved.
+    checkpoint_every: int = 1
     reuse_actors: bool = True
     callbacks: tuple[Any, ...] = ()  # trackers ("wandb", "mlflow", "tensorboard") and ray.tune.Callback objects
     verbose: bool = False  # Ray's and Tune's own output (worker logs, Tune's tables); progress lines either way
@@ -190,6 +193,9 @@ class SweepSpec:
             raise ValueError("the final phase needs at least one seed (or run_final: false)")
         if self.max_failures < 0 or self.num_workers < 0:
             raise ValueError("max_failures and num_workers must be >= 0")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 (epochs between checkpoints), got {self.checkpoint_every}; "
+                             "pass --checkpoint-every 1 (every epoch) or more")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.warm_start_from is not None:

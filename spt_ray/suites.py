@@ -53,6 +53,7 @@ VTAB: dict[str, Any] = {
     "reeval_top": 3,  # robust selection: the top 3 of each task again with 2 more seeds (val200's noise is ~3.5 pts)
     "reeval_seeds": [1, 2],
     "max_concurrent": 16,
+    "checkpoint_every": 10,  # ASHA's rungs (10, 20, 40, 80) fall on checkpoints; a restart repeats <= 9 epochs
     "resources": {"cpu": 4, "gpu": 0.5},
     "num_workers": 3,
     "sensitivity": {"num_batches": 16, "batch_size": 32, "num_gpus": 1},

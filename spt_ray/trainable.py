@@ -67,6 +67,7 @@ class TrialContext:
     requests: dict[str, SensitivityRequest] = field(default_factory=dict)
     needs: RankingNeeds | None = None
     simulate: SimulatedStep | None = None  # rehearsal mode (bench/scale.py): the training step is modelled
+    checkpoint_every: int = 1  # epochs between checkpoints (and always after the last)
 
     def __post_init__(self) -> None:
         if self.phase not in ("search", "final"):
@@ -230,6 +231,12 @@ def spt_trainable(config: dict[str, Any], contexts: dict[str, TrialContext],
             out.update(val_acc=metrics["val_acc"], val_loss=metrics["val_loss"], eval_s=metrics["eval_s"])
         totals["train_s_total"] += out["train_s"]
         totals["eval_s_total"] += out["eval_s"]
+        if out["epoch"] % context.checkpoint_every and out["epoch"] < cfg.epochs:
+            out["checkpoint_s"] = 0.0
+            out["wall_s"] = time.perf_counter() - segment_start
+            totals["wall_s_total"] = wall_base + out["wall_s"]
+            tune.report({**out, **totals})
+            return False
         with tempfile.TemporaryDirectory(prefix="spt-ckpt-") as tmp:
             t0 = time.perf_counter()
             trainer.save(tmp)

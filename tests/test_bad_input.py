@@ -134,6 +134,8 @@ CASES = [
     case("custom resource NaN", TUNE_CFG, "resources.custom.tpu must be a finite number", "plain number",
          setup=yaml_config("resources:\n  custom: {tpu: .nan}\n")),
     case("max_concurrent zero", TUNE + " --max-concurrent 0", "max_concurrent must be >= 1", "--max-concurrent 1"),
+    case("checkpoint_every zero", TUNE + " --checkpoint-every 0", "checkpoint_every must be >= 1",
+         "--checkpoint-every 1"),
     # storage
     # (refused by the sweep's preflight, or else by the first write: the wording differs, the content not)
     case("storage is a file", TUNE, "file", "folder", "--storage", setup=lambda env: env.out.write_text("x")),
