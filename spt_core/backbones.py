@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hashlib  # noqa: E402
+import threading  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -181,12 +182,18 @@ def reset_head(model: nn.Module) -> None:
             nn.init.zeros_(head.bias)
 
 
+_SEEDED = threading.Lock()  # torch's CPU generator is one per process: seeded builds take turns
+
+
 @contextmanager
 def _seeded(seed: int | None) -> Iterator[None]:
+    """The global torch RNG seeded for the block and restored after it. Threads building seeded backbones at
+    once (the sensitivity store hashes random-weight backbones in worker threads) would otherwise draw from
+    each other's seeded stream: every build then differed."""
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
+    with _SEEDED, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
 

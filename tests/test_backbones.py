@@ -116,6 +116,26 @@ def test_random_init_seeded_and_hashed() -> None:
     _assert_fresh_head(a, 4)
 
 
+def test_seeded_random_builds_agree_across_threads() -> None:
+    """The store hashes random-weight backbones in worker threads: concurrent seeded builds must each get the
+    same weights as one build alone (without a lock all twelve differed)."""
+    import threading
+
+    alone = create_backbone("spt-mini-vit", weights="random", num_classes=3, seed=7)[1].weights_sha256
+    got: list[str] = []
+
+    def build() -> None:
+        for _ in range(3):
+            got.append(create_backbone("spt-mini-vit", weights="random", num_classes=3, seed=7)[1].weights_sha256)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [alone] * 12
+
+
 def test_drop_path_and_timm_kwargs_pass_through() -> None:
     model, _ = create_backbone(NAME, num_classes=3, img_size=32, drop_path_rate=0.2, seed=0, **TINY)
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
