@@ -76,17 +76,35 @@ def _select(owner: torch.Tensor, occurrence: torch.Tensor, c: _Costs, budget: in
     total is within tolerance or the ranking is exhausted.
     """
     capped = torch.zeros(c.threshold.numel(), dtype=torch.bool)
+    totals = _totals(owner, occurrence, c, capped)
+    switch = c.cost - c.threshold + 1  # what each tensor's switching entry adds
+    rising = bool((switch >= 0).all())  # then no step is negative and the totals never decrease
+    at = torch.nonzero(occurrence == c.threshold[owner]).squeeze(1)
+    switch_at = torch.full_like(c.threshold, -1).index_put_((owner[at],), at)  # each tensor's switching entry
     while True:
-        totals = _totals(owner, occurrence, c, capped)
-        valid = totals <= budget
-        best = int(totals[valid].max())
-        ties = torch.nonzero(valid & (totals == best)).squeeze(1)
-        # Entries after the first k reaching `best` add nothing (their tensors are switched or capped), so
-        # the plan is the same for every tied k: report the smallest; the last one shows what overshoots.
-        first, last = int(ties[0]), int(ties[-1])
+        first, last, best = _best_prefix(totals, budget, rising)
         if not fill or best >= (1 - BUDGET_TOLERANCE) * budget or last == owner.numel():
             return first, capped, best, last == owner.numel()
-        capped[owner[last]] = True
+        j = int(owner[last])
+        # Capping j turns its switching entry's step into 0: every later total drops by what it added (the
+        # same totals `_totals` computes from scratch with the new caps, without another pass over the ranking).
+        if not capped[j] and switch_at[j] >= 0:
+            totals[int(switch_at[j]) + 1:] -= int(switch[j])
+        capped[j] = True
+
+
+def _best_prefix(totals: torch.Tensor, budget: int, rising: bool) -> tuple[int, int, int]:
+    """The highest total within budget, and the first and last prefix length reaching it. Entries after the
+    first k reaching it add nothing (their tensors are switched or capped), so the plan is the same for every
+    tied k: the smallest is reported; the last one shows what overshoots."""
+    if rising:  # sorted totals: binary searches instead of passes
+        last = int(torch.searchsorted(totals, torch.tensor(budget), right=True)) - 1
+        best = int(totals[last])
+        return int(torch.searchsorted(totals, torch.tensor(best))), last, best
+    valid = totals <= budget
+    best = int(totals[valid].max())
+    ties = torch.nonzero(valid & (totals == best)).squeeze(1)
+    return int(ties[0]), int(ties[-1]), best
 
 
 def allocate(

@@ -172,3 +172,40 @@ def test_truncated_ranking_that_structures_everything_needs_no_more_entries():
     assert k < smap.num_entries and full.trainable_params == ceiling
     short = allocate(smap.ranking(k + 5), 2 * ceiling)
     assert as_simple(short) == as_simple(full)
+
+
+def _reference_select(owner, occurrence, c, budget, fill):
+    """The capping walk as written first: every total recomputed from scratch after each cap."""
+    from spt_core.allocate import BUDGET_TOLERANCE, _totals
+
+    capped = torch.zeros(c.threshold.numel(), dtype=torch.bool)
+    while True:
+        totals = _totals(owner, occurrence, c, capped)
+        valid = totals <= budget
+        best = int(totals[valid].max())
+        ties = torch.nonzero(valid & (totals == best)).squeeze(1)
+        first, last = int(ties[0]), int(ties[-1])
+        if not fill or best >= (1 - BUDGET_TOLERANCE) * budget or last == owner.numel():
+            return first, capped, best, last == owner.numel()
+        capped[owner[last]] = True
+
+
+@pytest.mark.parametrize("structured", ["lora", "adapter"])
+@pytest.mark.parametrize("alpha,beta", [(10.0, 5.0), (2.0, 5.0), (40.0, 0.5), (0.5, 5.0)])
+def test_incremental_capping_walk_equals_recomputing_every_total(structured, alpha, beta):
+    """_select updates the totals in place when it caps a tensor (and binary-searches them when no step is
+    negative); it must pick exactly what recomputing every total after each cap picks, capped tensors
+    included, for every budget: alpha and beta below 1 make switching steps negative."""
+    from spt_core.allocate import _costs, _owners, _select
+
+    layout = ModelLayout.from_model(tiny_vit())
+    ranking = random_map(layout, seed=11).ranking()
+    c = _costs(layout, structured, 8, alpha, beta)
+    owner, occurrence = _owners(ranking.ids, c)
+    caps = 0
+    for budget in range(c.base + 1, c.eligible, 997):
+        got = _select(owner, occurrence, c, budget, alpha >= 1)
+        want = _reference_select(owner, occurrence, c, budget, alpha >= 1)
+        assert (got[0], got[2], got[3]) == (want[0], want[2], want[3]) and torch.equal(got[1], want[1]), budget
+        caps += int(want[1].sum())
+    assert caps > 0 or alpha < 1  # the capping walk ran (it is off below alpha 1, as in the authors' code)
