@@ -38,6 +38,7 @@ from typing import Any, Iterator
 
 import ray
 from ray.tune import CheckpointConfig, ExperimentAnalysis, FailureConfig, RunConfig, TuneConfig, Tuner
+from ray.tune.logger import JsonLoggerCallback
 
 from spt_core.experiment import TaskRef
 
@@ -46,7 +47,7 @@ from .preflight import check_resources, check_sweep
 from .progress import phase_callbacks, ray_init_options, sweep_output, tune_verbosity, wait_for_rankings
 from .results import ResultsCallback, ResultsWriter, RowContext, read_results, rows_from_trial_log
 from .resume import purge_rows, restorable_trials
-from .pipeline import DriverHooks, PipelineSearcher, register_hooks
+from .pipeline import DriverHooks, ErroredTrialWatch, PipelineSearcher, register_hooks
 from .search import PerTaskScheduler, PerTaskSearcher
 from .selection import (CONFIG_KEYS, FRONT_COST, SELECTION_COLUMNS, final_configs, pareto_front,  # noqa: F401
                         persist_selection, read_selection, select_best, summarize_final)
@@ -98,6 +99,33 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[bool]:
     finally:
         if ray.is_initialized():
             ray.shutdown()
+
+
+@contextmanager
+def json_logger_only(tuner: Tuner) -> Iterator[None]:
+    """Tune logs every result of every trial three ways by default (result.json, progress.csv and, where
+    tensorboardX is installed, event files): a quarter of the driver's CPU in the full-scale rehearsal went to
+    the event files alone, and on a bucket each is one more object per trial. The Parquet results hold every
+    row; the reconciliation reads result.json (JsonLoggerCallback, which a fresh experiment's callbacks list
+    names); `--callback tensorboard` brings the event files back. An experiment whose callbacks do not name
+    the JSON logger (one restored from before this) keeps Tune's defaults."""
+    local = getattr(tuner, "_local_tuner", None)  # Tuner's own run config (no public getter)
+    callbacks = local.get_run_config().callbacks if local is not None else None
+    if not any(isinstance(c, JsonLoggerCallback) for c in callbacks or ()):
+        yield
+        return
+    before = os.environ.get(_NO_DEFAULT_LOGGERS)
+    os.environ[_NO_DEFAULT_LOGGERS] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_NO_DEFAULT_LOGGERS, None)
+        else:
+            os.environ[_NO_DEFAULT_LOGGERS] = before
+
+
+_NO_DEFAULT_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 @contextmanager
@@ -214,14 +242,17 @@ def _run_tune(spec: SweepSpec, storage: Storage, contexts: dict[str, TrialContex
                                    max_concurrent_trials=spec.max_concurrent, reuse_actors=spec.reuse_actors,
                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=RunConfig(name=exp_name, storage_path=tune_root,
-                                 callbacks=[ResultsCallback(storage.root, ctx),  # progress lines, trackers:
+                                 callbacks=[ResultsCallback(storage.root, ctx), JsonLoggerCallback(),
+                                            ErroredTrialWatch(spec.name),
+                                            # progress lines, trackers:
                                             *phase_callbacks(spec, "search", searcher, spec.search_samples)],
                                  failure_config=FailureConfig(max_failures=spec.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  verbose=tune_verbosity(spec.verbose)),
         )
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    with json_logger_only(tuner):
+        grid = tuner.fit()
     t1 = time.perf_counter()
     epochs, unfinished = _reconcile(grid.experiment_path, ctx, writer, storage)
     writer.flush()

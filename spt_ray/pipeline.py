@@ -39,6 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from .results import read_results
@@ -66,12 +67,14 @@ class Hooks:
 
 
 _HOOKS: dict[str, Hooks] = {}
+_LIVE: dict[str, "PipelineSearcher"] = {}  # sweep -> the searcher Tune is running now (the restored one on resume)
 
 
 def register_hooks(sweep: str, hooks: Hooks | None) -> None:
     """Attach (or with None, detach) the driver's hooks for `sweep` in this process."""
     if hooks is None:
         _HOOKS.pop(sweep, None)
+        _LIVE.pop(sweep, None)
     else:
         _HOOKS[sweep] = hooks
 
@@ -109,6 +112,7 @@ class PipelineSearcher(ResumableSearcher):
 
     # ---- handing out trials ----------------------------------------------------------------------
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        _LIVE[self.sweep] = self
         self._act_on_ended_searches()
         if self.reeval_queue:
             cfg = self.reeval_queue.pop(0)
@@ -171,6 +175,10 @@ class PipelineSearcher(ResumableSearcher):
         elif not self.running[(task, phase)] and not self.finals_pending.get(task) and task not in self.ended[FINAL]:
             self.ended[FINAL].append(task)
             self.hooks.final_ended(task)
+
+    def unreported(self, errored: set[str]) -> list[str]:
+        """Of these errored trial ids, those this searcher still counts as running."""
+        return [t for ids in self.running.values() for t in ids if t in errored]
 
     def _maybe_search_ended(self, task: str) -> None:
         if task in self.exhausted and not self.running.get((task, SEARCH)) \
@@ -269,3 +277,25 @@ class DriverHooks:
         write_final_record(self.storage, spec.name, others + runs, spec.final_recipe.to_dict(),
                            {t: b["trial_id"] for t, b in best.items()})
         return runs
+
+
+class ErroredTrialWatch(Callback):
+    """Tells the pipeline about trials that Tune ended in ERROR without telling their searcher.
+
+    One path does that (Ray 2.x): a reused actor whose previous trial's thread outlives
+    TUNE_FUNCTION_THREAD_TIMEOUT_S. Tune then marks the new trial ERROR, never retries it and never calls
+    `on_trial_complete`, so its task's search would never end and the sweep would wait forever; the
+    full-scale rehearsal hung so. The trainable raises that timeout (spt_ray.trainable); this is the net
+    below it: at the end of every Tune step, an errored trial the searcher still counts as running is
+    reported to it as errored (Tune's own concurrency limiter still counts it: one slot fewer)."""
+
+    def __init__(self, sweep: str):
+        self.sweep = sweep
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        searcher = _LIVE.get(self.sweep)
+        errored = {t.trial_id for t in trials if t.status == "ERROR"}
+        for trial_id in searcher.unreported(errored) if searcher is not None and errored else []:
+            logger.warning("trial %s ended in ERROR without Tune telling its searcher; its task goes on without it",
+                           trial_id)
+            searcher.on_trial_complete(trial_id, error=True)

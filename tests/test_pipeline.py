@@ -88,3 +88,29 @@ def test_an_errored_search_trial_ends_the_search_and_no_final_phase_still_select
         assert driver.events == [("search ended", "a", ())]  # the selection is persisted without finals too
     finally:
         register_hooks("q", None)
+
+
+def test_a_trial_tune_errors_without_telling_the_searcher_still_ends_its_search():
+    """Ray 2.x errors a trial whose reused actor is not ready in time without calling on_trial_complete: the
+    watch reports it at the end of Tune's step, so the task's search ends instead of waiting forever."""
+    from types import SimpleNamespace
+
+    from spt_ray.pipeline import ErroredTrialWatch
+
+    driver = Driver(ready={"a"})
+    register_hooks("w", driver.hooks())
+    try:
+        s = PipelineSearcher("w", ["a"], run_final=False)
+        for t in ("t0", "t1", "t2"):
+            s.suggest(t)
+        _complete(s, "t0")
+        _complete(s, "t1")
+        watch = ErroredTrialWatch("w")
+        trials = [SimpleNamespace(trial_id="t0", status="TERMINATED"), SimpleNamespace(trial_id="t2", status="ERROR")]
+        assert s.suggest("t3") is None  # t2 never reported: without the watch this is what Tune sees forever
+        watch.on_step_end(0, trials)
+        assert s.suggest("t4") == Searcher.FINISHED and driver.events == [("search ended", "a", ())]
+        watch.on_step_end(1, trials)  # reported once only
+        assert driver.events == [("search ended", "a", ())]
+    finally:
+        register_hooks("w", None)

@@ -100,6 +100,9 @@ def test_a_real_sweep_selects_by_the_re_evaluated_mean(ray_cluster, ray_mini_roo
         reeval_seeds=[1], backbone=ray_backbone.to_dict(), num_samples=3, max_concurrent=2, final_seeds=[42],
         train={"epochs": 1, "batch_size": 32, "warmup_epochs": 0}, sensitivity={"num_batches": 2}))
     run_sweep(spec)
+    trial_files = {p.name for p in (tmp_path / "tune").glob("*/*/*")}
+    assert "result.json" in trial_files and "progress.csv" not in trial_files  # Tune's JSON logger only:
+    assert not any(n.startswith("events.out.tfevents") for n in trial_files)  # no CSV, no tensorboard files
     rows = read_results(tmp_path, "robust").to_pylist()
     searched = {r["trial_id"]: r["val_acc"] for r in rows if r["row_kind"] == "trial" and r["searched"]}
     params = {r["trial_id"]: r["trainable_params"] for r in rows if r["row_kind"] == "trial" and r["searched"]}
