@@ -101,6 +101,9 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[bool]:
             ray.shutdown()
 
 
+_NO_DEFAULT_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+
+
 @contextmanager
 def json_logger_only(tuner: Tuner) -> Iterator[None]:
     """Tune logs every result of every trial three ways by default (result.json, progress.csv and, where
@@ -123,9 +126,6 @@ def json_logger_only(tuner: Tuner) -> Iterator[None]:
             os.environ.pop(_NO_DEFAULT_LOGGERS, None)
         else:
             os.environ[_NO_DEFAULT_LOGGERS] = before
-
-
-_NO_DEFAULT_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 @contextmanager
