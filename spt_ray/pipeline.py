@@ -95,6 +95,7 @@ class PipelineSearcher(ResumableSearcher):
         self.reeval_queue: list[dict[str, Any]] = []  # re-evaluation runs not handed out yet
         self.reevaluated: set[str] = set()  # tasks whose re-evaluation was asked for (once per task)
         self.finals_pending: dict[str, int] = {}  # task -> final runs not handed out yet
+        self.handed: dict[str, dict[str, Any]] = {}  # trial id -> the final / re-evaluation run it was given
         self.cursor = 0
 
     @property
@@ -145,6 +146,8 @@ class PipelineSearcher(ResumableSearcher):
         return Searcher.FINISHED if self._done() else None
 
     def _start(self, trial_id: str, task: str, phase: str, cfg: dict[str, Any]) -> dict[str, Any]:
+        if phase != SEARCH:
+            self.handed[trial_id] = cfg
         self.trials[trial_id] = (task, phase)
         self.running.setdefault((task, phase), set()).add(trial_id)
         return {**cfg, "task": task, "phase": SEARCH if phase == REEVAL else phase}  # re-evaluation: search rows
@@ -179,6 +182,22 @@ class PipelineSearcher(ResumableSearcher):
     def unreported(self, errored: set[str]) -> list[str]:
         """Of these errored trial ids, those this searcher still counts as running."""
         return [t for ids in self.running.values() for t in ids if t in errored]
+
+    def never_ran(self, trial_id: str) -> None:
+        """A trial Tune errored before it ran (see ErroredTrialWatch): a final or re-evaluation run goes back
+        to its queue, to run again as a new trial (a final seed is never lost); a search trial ends as errored
+        (its study records it failed, as for any errored trial)."""
+        task, phase = self.trials.get(trial_id, (None, None))
+        cfg = self.handed.pop(trial_id, None)
+        if cfg is None or phase == SEARCH:
+            self.on_trial_complete(trial_id, error=True)
+            return
+        self.running[(task, phase)].discard(trial_id)
+        if phase == FINAL:
+            self.final_queue.insert(0, cfg)
+            self.finals_pending[task] = self.finals_pending.get(task, 0) + 1
+        else:
+            self.reeval_queue.insert(0, cfg)
 
     def _maybe_search_ended(self, task: str) -> None:
         if task in self.exhausted and not self.running.get((task, SEARCH)) \
@@ -282,12 +301,13 @@ class DriverHooks:
 class ErroredTrialWatch(Callback):
     """Tells the pipeline about trials that Tune ended in ERROR without telling their searcher.
 
-    One path does that (Ray 2.x): a reused actor whose previous trial's thread outlives
-    TUNE_FUNCTION_THREAD_TIMEOUT_S. Tune then marks the new trial ERROR, never retries it and never calls
-    `on_trial_complete`, so its task's search would never end and the sweep would wait forever; the
-    full-scale rehearsal hung so. The trainable raises that timeout (spt_ray.trainable); this is the net
-    below it: at the end of every Tune step, an errored trial the searcher still counts as running is
-    reported to it as errored (Tune's own concurrency limiter still counts it: one slot fewer)."""
+    One path does that (Ray 2.x): a reused actor whose previous trial's thread has not ended within
+    TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s; a stopped trial's thread can stay blocked on Tune's one-slot result
+    queue, so a longer wait only stalls the actor: with a one-hour wait the rehearsal ran at half its rate). Tune
+    then marks the new trial ERROR, never retries it and never calls `on_trial_complete`, so its task's search
+    would never end and the sweep would wait forever: the full-scale rehearsal hung so at 1025 of 1045 runs.
+    At the end of every Tune step, an errored trial the searcher still counts as running is handed back to it
+    (`PipelineSearcher.never_ran`; Tune's own concurrency limiter still counts the trial: one slot fewer)."""
 
     def __init__(self, sweep: str):
         self.sweep = sweep
@@ -296,6 +316,6 @@ class ErroredTrialWatch(Callback):
         searcher = _LIVE.get(self.sweep)
         errored = {t.trial_id for t in trials if t.status == "ERROR"}
         for trial_id in searcher.unreported(errored) if searcher is not None and errored else []:
-            logger.warning("trial %s ended in ERROR without Tune telling its searcher; its task goes on without it",
-                           trial_id)
-            searcher.on_trial_complete(trial_id, error=True)
+            logger.warning("trial %s ended in ERROR before it ran, and Tune did not tell its searcher: a final or "
+                           "re-evaluation run is handed out again, a search trial counts as errored", trial_id)
+            searcher.never_ran(trial_id)

@@ -193,11 +193,6 @@ def spt_trainable(config: dict[str, Any], contexts: dict[str, TrialContext],
     context = contexts[config.get("phase", "search")]
     restarts = count_start()
     os.environ["SPT_NO_PROGRESS"] = "1"
-    # Tune reuses this actor for the next trial only once this trial's thread has ended, waiting
-    # TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default) for it; a trial stopped by ASHA ends at its next report,
-    # up to an epoch later (seconds to minutes on a GPU). Past the timeout Tune errors the next trial without
-    # telling its searcher (see pipeline.ErroredTrialWatch); read by the worker, so set here.
-    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "600")
     torch.set_num_threads(_threads())
     task_name, method = config["task"], config["method"]
     task = TaskRef(context.suite, task_name, context.data_root, context.img_size)

@@ -114,3 +114,29 @@ def test_a_trial_tune_errors_without_telling_the_searcher_still_ends_its_search(
         assert driver.events == [("search ended", "a", ())]
     finally:
         register_hooks("w", None)
+
+
+def test_a_final_run_tune_errors_before_it_ran_is_handed_out_again():
+    from types import SimpleNamespace
+
+    from spt_ray.pipeline import ErroredTrialWatch
+
+    driver = Driver(ready={"a"})
+    register_hooks("f", driver.hooks())
+    try:
+        s = PipelineSearcher("f", ["a"], run_final=True)
+        for t in ("t0", "t1", "t2"):
+            s.suggest(t)
+        for t in ("t0", "t1", "t2"):
+            _complete(s, t)
+        finals = [s.suggest("f0"), s.suggest("f1")]
+        assert [c["seed"] for c in finals] == [1, 2]
+        ErroredTrialWatch("f").on_step_end(0, [SimpleNamespace(trial_id="f0", status="ERROR")])
+        again = s.suggest("f2")  # seed 1 again, as a new trial: no final seed is lost
+        assert (again["phase"], again["seed"]) == (FINAL, 1)
+        s.on_trial_complete("f1", {"test_acc": 0.5})
+        assert ("final ended", "a") not in driver.events
+        s.on_trial_complete("f2", {"test_acc": 0.5})
+        assert driver.events[-1] == ("final ended", "a") and s.suggest("f3") == Searcher.FINISHED
+    finally:
+        register_hooks("f", None)
