@@ -194,8 +194,8 @@ class SweepSpec:
         if self.max_failures < 0 or self.num_workers < 0:
             raise ValueError("max_failures and num_workers must be >= 0")
         if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 (epochs between checkpoints), got {self.checkpoint_every}; "
-                             "pass --checkpoint-every 1 (every epoch) or more")
+            raise ValueError(f"checkpoint_every must be >= 1 (epochs between checkpoints), got "
+                             f"{self.checkpoint_every}; pass --checkpoint-every 1 (every epoch) or more")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.warm_start_from is not None:
