@@ -24,6 +24,7 @@ parquet_files, driver_cpu_s, wall_s, scale_factor, and the shape that ran.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -183,9 +184,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--eval-s", type=float, default=0.05, help="modelled GPU s per forward batch of 64")
     ap.add_argument("--scale", type=float, default=0.01, help="real seconds slept per modelled second")
     ap.add_argument("--out", default=str(ROOT / "bench" / "scale.json"))
+    ap.add_argument("--keep", metavar="DIR", help="run in DIR and keep its storage (Parquet rows, Tune folders)")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("SPT_NO_PROGRESS", "1")
+    # The logical nodes share this machine's cores: a raylet prestarting one idle worker per declared CPU (34
+    # here, ~4 CPU-s of imports each) would spend the rehearsal's CPU on processes no trial uses.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    os.environ.setdefault("RAY_enable_worker_prestart", "0")
     import ray
     from ray.cluster_utils import Cluster
 
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         final_epoch_s=wl.final_steps_per_epoch * args.step_s * share,
                         val_s=wl.eval_batches * args.eval_s * share, test_s=math.ceil(10000 / 64) * args.eval_s * share,
                         scale=args.scale)
-    with tempfile.TemporaryDirectory(prefix="spt-scale-") as tmp:
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="spt-scale-")) as tmp:
         data, storage = Path(tmp) / "data", str(Path(tmp) / "storage")
         tasks = list(vtab["tasks"])[:args.tasks]
         write_data(data, tasks)
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for _ in range(args.nodes):
             cluster.add_node(num_cpus=max(4, int(per_node / args.gpu_per_trial)), num_gpus=per_node)
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, include_dashboard=False)
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)  # the CLI's default
         spec = SweepSpec.from_dict({
             "name": "scale", "suite": "vtab", "tasks": tasks, "data_root": str(data), "storage": storage,
             "backbone": {"name": BACKBONE, "weights": weights}, "space": vtab["space"],

@@ -43,7 +43,7 @@ from ray.tune.logger import JsonLoggerCallback
 from spt_core.experiment import TaskRef
 
 from .faults import SweepInterrupted, sigint_held, tune_interrupt_messages, unwrap_ray_error
-from .preflight import check_resources, check_sweep
+from .preflight import check_resources, check_sweep, dead_recorded_cluster
 from .progress import phase_callbacks, ray_init_options, sweep_output, tune_verbosity, wait_for_rankings
 from .results import ResultsCallback, ResultsWriter, RowContext, read_results, rows_from_trial_log
 from .resume import purge_rows, restorable_trials
@@ -85,12 +85,17 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[bool]:
     """Use the Ray this process is already connected to, else connect / start one (and stop it after).
 
     address None: ray.init()'s own rule (attach to a cluster running on this machine, else start a local
-    one); "local": always a fresh local Ray; anything else: attach there.
+    one), except that a recorded cluster which no longer answers is ignored; "local": always a fresh local
+    Ray; anything else: attach there.
     """
     if ray.is_initialized():
         yield False
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None and (dead := dead_recorded_cluster()):
+        logger.warning("the Ray cluster recorded on this machine (%s) does not answer: starting a local Ray "
+                       "(`ray stop` clears the record; --address attaches elsewhere)", dead)
+        address = "local"
     try:
         with sigint_held():  # a Ctrl-C halfway through ray.init would crash the interpreter at exit
             ray.init(address=address, **ray_init_options(verbose),  # workers' logs reach the driver only with -v

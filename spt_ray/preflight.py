@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,28 @@ def check_sweep(spec: SweepSpec) -> None:
 
 def _fits(need: dict[str, float], node: dict[str, float]) -> bool:
     return all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if v > 0)
+
+
+def dead_recorded_cluster(temp_dir: str | None = None) -> str | None:
+    """The address an earlier `ray start` on this machine recorded, when nothing answers there any more.
+
+    `ray.init()` without an address attaches to that record (Ray's temp dir, `ray_current_cluster`) and,
+    when its cluster was killed rather than stopped, retries the dead address for minutes. None when
+    RAY_ADDRESS is set, nothing is recorded, or the recorded head's port accepts a connection.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    from ray._private.utils import read_ray_address
+
+    recorded = read_ray_address(temp_dir)
+    if not recorded:
+        return None
+    host, _, port = recorded.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return None
+    except (OSError, ValueError):
+        return recorded
 
 
 def started_here() -> bool:

@@ -51,6 +51,7 @@ from spt_core.data.fingerprint import split_fingerprint
 from spt_core.sensitivity import SensitivityMap, check_sensitivity_split
 
 from .maplock import MapLock, once_across_drivers
+from .memory import release_freed_memory
 from .passes import PassBoard, fetch_rankings  # noqa: F401  (fetch_rankings: the store's blocking API)
 from .space import RankingNeeds
 from .storage import Storage
@@ -290,6 +291,7 @@ class SensitivityStore(PassBoard):
         slot = (request, request.weights_signature(), data["sha256"])
         if slot not in self.key_cache:
             self.key_cache[slot] = await asyncio.to_thread(request.key_fields, data)
+            release_freed_memory()  # hashing the weights may have built the backbone
         return self.key_cache[slot]
 
     async def _reload(self, key_fields: dict[str, Any], needs: RankingNeeds) -> tuple[Any, ...]:
@@ -303,6 +305,7 @@ class SensitivityStore(PassBoard):
                 return await asyncio.to_thread(rank_from_disk, self.storage, key_fields, needs)
             finally:
                 self.reloading -= 1
+                release_freed_memory()  # the map's tensors read on a pool thread, whose arena keeps them
 
     async def _compute(self, key_fields: dict[str, Any], request: SensitivityRequest,
                        needs: RankingNeeds) -> tuple[Any, ...]:
@@ -388,10 +391,9 @@ def get_store(storage: str | os.PathLike, *, num_gpus: float = 0.0, num_cpus: fl
     One store per storage root: the actor name carries a hash of the root, so two sweeps writing to
     different storages never share maps by accident.
     """
-    root = Storage.of(storage).root
-    actor_name = store_actor_name(root, name)
-    head = head_node_id()
-    options: dict[str, Any] = dict(name=actor_name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
+    root, head = Storage.of(storage).root, head_node_id()
+    options: dict[str, Any] = dict(name=store_actor_name(root, name), namespace=NAMESPACE, lifetime="detached",
+                                   get_if_exists=True)
     if head is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=head, soft=False)
     return SensitivityStore.options(**options).remote(root, num_gpus, num_cpus, max_reloads, lock_stale_s)

@@ -17,8 +17,6 @@ after the last epoch; search trials never touch the test split.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import socket
@@ -43,6 +41,7 @@ from spt_core.sensitivity import Ranking, SensitivityMap
 from spt_core.train import TrainConfig
 
 from .artifacts import write_run_files
+from .memory import release_freed_memory
 from .rankings import covers
 from .setup_cache import prepare_cached
 from .simulate import SimulatedStep, SimulatedTrainer
@@ -100,20 +99,6 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return str(device)
-
-
-def release_freed_memory() -> None:
-    """Return the heap memory a trial's set-up freed to the OS (glibc only; elsewhere a no-op).
-
-    Tune runs every trial of a reused worker in a new thread, and glibc serves each thread from an arena of
-    its own that keeps what it frees: allocation over a ViT-B/16 ranking (2M entries) left 150-300 MB
-    resident per trial, so a worker grew past 2 GB after ten trials and Ray's OOM killer took workers in the
-    full-scale rehearsal (bench/scale.py). malloc_trim(0) releases the free pages of every arena."""
-    name = ctypes.util.find_library("c")
-    if name:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
 
 
 def build_trial_plan(config: dict[str, Any], ranking: Ranking,

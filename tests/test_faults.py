@@ -242,6 +242,25 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def test_a_recorded_cluster_that_no_longer_answers_is_not_attached_to(tmp_path, monkeypatch):
+    """A killed `ray start` leaves its address in Ray's temp dir; ray.init() would retry it for minutes."""
+    import socket
+
+    from spt_ray.preflight import dead_recorded_cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert dead_recorded_cluster(str(tmp_path)) is None  # nothing recorded
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        alive = f"127.0.0.1:{listening.getsockname()[1]}"
+        (tmp_path / "ray_current_cluster").write_text(alive + "\n")
+        assert dead_recorded_cluster(str(tmp_path)) is None
+    assert dead_recorded_cluster(str(tmp_path)) == alive  # the same port, closed now
+    monkeypatch.setenv("RAY_ADDRESS", alive)  # the user's explicit choice is Ray's to handle
+    assert dead_recorded_cluster(str(tmp_path)) is None
+
+
 def test_storage_that_is_a_file_is_one_line_before_anything_is_written(capsys, tmp_path):
     file = tmp_path / "storage"
     file.write_text("not a folder")

@@ -1,5 +1,5 @@
 """A reused Tune worker must not grow trial by trial: each trial runs in a new thread, and glibc keeps what a
-thread's arena frees unless told to release it (spt_ray.trainable.release_freed_memory)."""
+thread's arena frees unless told to release it (spt_ray.memory.release_freed_memory)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from spt_core import ModelLayout
 from spt_ray.rankings import derive_ranking, map_stream
 from spt_ray.space import RankingNeeds, SearchSpace
 from spt_ray.suites import RECIPES
-from spt_ray.trainable import build_trial_plan, release_freed_memory
+from spt_ray.memory import release_freed_memory
+from spt_ray.trainable import build_trial_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from scale import synthetic_map  # noqa: E402
