@@ -57,6 +57,7 @@ from .spec import SweepSpec
 from .storage import Storage
 from .store import RankingHandle, SensitivityRequest, get_store
 from .trainable import TrialContext, make_trainable
+from .tune_env import tune_env
 
 logger = logging.getLogger(__name__)
 
@@ -104,33 +105,6 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[bool]:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-
-
-_NO_DEFAULT_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-
-
-@contextmanager
-def json_logger_only(tuner: Tuner) -> Iterator[None]:
-    """Tune logs every result of every trial three ways by default (result.json, progress.csv and, where
-    tensorboardX is installed, event files): a quarter of the driver's CPU in the full-scale rehearsal went to
-    the event files alone, and on a bucket each is one more object per trial. The Parquet results hold every
-    row; the reconciliation reads result.json (JsonLoggerCallback, which a fresh experiment's callbacks list
-    names); `--callback tensorboard` brings the event files back. An experiment whose callbacks do not name
-    the JSON logger (one restored from before this) keeps Tune's defaults."""
-    local = getattr(tuner, "_local_tuner", None)  # Tuner's own run config (no public getter)
-    callbacks = local.get_run_config().callbacks if local is not None else None
-    if not any(isinstance(c, JsonLoggerCallback) for c in callbacks or ()):
-        yield
-        return
-    before = os.environ.get(_NO_DEFAULT_LOGGERS)
-    os.environ[_NO_DEFAULT_LOGGERS] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(_NO_DEFAULT_LOGGERS, None)
-        else:
-            os.environ[_NO_DEFAULT_LOGGERS] = before
 
 
 @contextmanager
@@ -256,7 +230,8 @@ def _run_tune(spec: SweepSpec, storage: Storage, contexts: dict[str, TrialContex
                                  verbose=tune_verbosity(spec.verbose)),
         )
     t0 = time.perf_counter()
-    with json_logger_only(tuner):
+    with tune_env(tuner) as settings:
+        logger.info("sweep: Tune settings %s", settings)
         grid = tuner.fit()
     t1 = time.perf_counter()
     epochs, unfinished = _reconcile(grid.experiment_path, ctx, writer, storage)
