@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from spt_core.modules.sparse import PATH_COUNTS, csr_pattern, sampled_grad, sparse_delta_linear
+from spt_core.modules.sparse import _GATHERED_BELOW, PATH_COUNTS, csr_pattern, sampled_grad, sparse_delta_linear
 
 
 def setup(d_in=24, d_out=16, k=40, tokens=(3, 7), dtype=torch.float32, seed=0):
@@ -16,10 +16,16 @@ def setup(d_in=24, d_out=16, k=40, tokens=(3, 7), dtype=torch.float32, seed=0):
     return weight, bias, x, delta, rows, cols, csr_pattern(rows, cols, (d_out, d_in))
 
 
+def gathers(tokens: tuple[int, int], k: int, weight: torch.Tensor) -> bool:
+    """Whether the layer adds the K products (few tokens) instead of merging them into W (its rule)."""
+    return tokens[0] * tokens[1] * k < weight.numel() * _GATHERED_BELOW
+
+
 @pytest.mark.parametrize("use_pattern", [True, False])
-@pytest.mark.parametrize("tokens", [(3, 7), (1, 2)])  # merged weight; few tokens: the K products added instead
-def test_delta_gradient_equals_dense_weight_gradient_at_the_positions(use_pattern, tokens):
-    weight, bias, x, delta, rows, cols, pattern = setup(tokens=tokens)
+@pytest.mark.parametrize("tokens,k", [((3, 7), 40), ((1, 2), 10)])  # merged weight; few tokens: K products added
+def test_delta_gradient_equals_dense_weight_gradient_at_the_positions(use_pattern, tokens, k):
+    weight, bias, x, delta, rows, cols, pattern = setup(tokens=tokens, k=k)
+    assert gathers(tokens, k, weight) == (tokens[0] == 1)  # both forward paths are covered
     y = sparse_delta_linear(x, weight, bias, delta, rows, cols, pattern if use_pattern else None)
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
@@ -51,12 +57,13 @@ def test_frozen_weight_gets_no_gradient_and_sddmm_matches_gather():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("keep_used_cols", [False, True])
-@pytest.mark.parametrize("tokens", [(4, 50), (1, 3)])
-def test_low_precision_autocast_takes_the_sddmm_path_with_fp32_accumulation(dtype, keep_used_cols, tokens):
+@pytest.mark.parametrize("tokens,k", [((4, 50), 300), ((1, 3), 60)])  # merged weight; few tokens: K products added
+def test_low_precision_autocast_takes_the_sddmm_path_with_fp32_accumulation(dtype, keep_used_cols, tokens, k):
     """Under bf16 / fp16 autocast the entry gradients come from the SDDMM kernel (not the gather fallback),
     equal the dense reference's weight gradient at the K positions at low-precision tolerance, and equal the
     fp64 sum over tokens of the low-precision operands at fp32 tolerance (fp32 accumulation)."""
-    weight, bias, x, delta, rows, cols, _ = setup(d_in=64, d_out=48, k=300, tokens=tokens)
+    weight, bias, x, delta, rows, cols, _ = setup(d_in=64, d_out=48, k=k, tokens=tokens)
+    assert gathers(tokens, k, weight) == (tokens[0] == 1)
     extra = ()
     if keep_used_cols:
         used, local = torch.unique(cols, return_inverse=True)
