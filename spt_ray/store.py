@@ -6,10 +6,10 @@ with the whole backbone unfrozen), and every trial of a task needs the same one.
 * computes a map at most once per key, as a Ray task that may claim a GPU, even when many trials ask
   at the same moment (requests for one key wait on one per-key lock; the pending compute ObjectRef is
   kept in `inflight` while it runs);
-* persists it under `<storage>/sensitivity/<key>/` (safetensors + JSON, then a manifest holding the
-  sha256 of both, each file written whole and renamed into place) so a later sweep, a resumed sweep or
-  a restarted actor reloads it instead of recomputing. A missing manifest, a checksum or a key mismatch
-  is logged and the map is recomputed;
+* persists it under `<storage>/sensitivity/<key>/` (safetensors + JSON, then a manifest of their sha256,
+  each file written whole and renamed into place) so a later sweep, a resumed sweep or a restarted actor
+  reloads it instead of recomputing; a missing manifest, a checksum or a key mismatch is logged and the
+  map is recomputed;
 * `ray.put`s, from the actor itself, only what trials need: each tensor's top entries down to the
   deepest switch threshold of the space (spt_ray.rankings: exact at every budget; 3.5% of the fp32 map
   for ViT-B/16 and the VTAB space) as numpy arrays (`PackedRanking`), which every trial on a node reads
@@ -21,10 +21,9 @@ with the whole backbone unfrozen), and every trial of a task needs the same one.
   was sized for reads the full map (in the trial); the store counts those reads (`full_map_reads`).
 
 The actor is pinned to the head node (node affinity on the head's node id) and reserves no CPU, so it
-never holds a slot trials could use and dies only with the cluster. Computing a map runs as a Ray task
-(it may claim a GPU, and it verifies, persists and ranks where it computed); reloading a stored map runs
-on a thread of the actor (a one-off burst of CPU per key, and no worker process to start, which on a
-small machine costs more than the load itself).
+never holds a slot trials could use and dies only with the cluster. Computing a map runs as a Ray task (it
+may claim a GPU; it verifies, persists and ranks where it computed); reloading a stored map runs on a
+thread of the actor (a one-off burst of CPU per key, and no worker process to start).
 """
 
 from __future__ import annotations
