@@ -77,3 +77,5 @@ def test_rehearsal_smoke_writes_every_figure(tmp_path):
     assert fig["full_map_reads"] == 0 and 0 <= fig["scheduling_overhead_fraction"] <= 1
     assert fig["parquet_files"] <= 2 * 2 + 1  # one per task and phase (+ at most one part)
     assert shape["map_entries"] > 85e6
+    parts = fig["head_peak_rss_gb_by_part"]  # each part's own peak: together at least the peak of the whole
+    assert {"driver", "store", "ray_core"} <= set(parts) and sum(parts.values()) >= fig["head_peak_rss_gb"] - 1e-3
