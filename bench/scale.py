@@ -27,14 +27,12 @@ import argparse
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import resource
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -250,9 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "resources": {"cpu": 0.5, "gpu": args.gpu_per_trial},
             "max_concurrent": args.max_concurrent or slots})
         t0 = time.perf_counter()
-        # in a process of its own: a real driver never holds a map, so this one's memory should not either
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            entries = pool.submit(seed_store, storage, spec).result()
+        entries = seed_store(storage, spec)
         seed_s = time.perf_counter() - t0
         sampler = Sampler(cluster.head_node)
         sampler.start()
