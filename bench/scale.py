@@ -106,11 +106,11 @@ def process_group(proc: psutil.Process, driver_pid: int) -> str:
     if proc.pid == driver_pid:
         return "driver"
     try:
-        cmd = " ".join(proc.cmdline())
+        cmd = " ".join(proc.cmdline()).lower()
     except psutil.Error:
         return "other"
-    for needle, group in (("SensitivityStore", "store"), ("dashboard", "dashboard"), ("Dashboard", "dashboard"),
-                          ("gcs_server", "ray_core"), ("raylet", "ray_core")):
+    for needle, group in (("sensitivitystore", "store"), ("dashboard", "dashboard"), ("gcs_server", "ray_core"),
+                          ("raylet", "ray_core")):
         if needle in cmd:
             return group
     return "other"
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("SPT_NO_PROGRESS", "1")
     # The logical nodes share this machine's cores: a raylet prestarting one idle worker per declared CPU (34
-    # here, ~4 CPU-s of imports each) would spend the rehearsal's CPU on processes no trial uses.
+    # here, each importing Ray) would spend the rehearsal's CPU on processes no trial uses.
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     os.environ.setdefault("RAY_enable_worker_prestart", "0")
     import ray
