@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from spt_core.modules.sparse import _GATHERED_BELOW, PATH_COUNTS, csr_pattern, sampled_grad, sparse_delta_linear
+from spt_core.modules.sparse import PATH_COUNTS, csr_pattern, merged_in_place, sampled_grad, sparse_delta_linear
 
 
 def setup(d_in=24, d_out=16, k=40, tokens=(3, 7), dtype=torch.float32, seed=0):
@@ -16,16 +16,11 @@ def setup(d_in=24, d_out=16, k=40, tokens=(3, 7), dtype=torch.float32, seed=0):
     return weight, bias, x, delta, rows, cols, csr_pattern(rows, cols, (d_out, d_in))
 
 
-def gathers(tokens: tuple[int, int], k: int, weight: torch.Tensor) -> bool:
-    """Whether the layer adds the K products (few tokens) instead of merging them into W (its rule)."""
-    return tokens[0] * tokens[1] * k < weight.numel() * _GATHERED_BELOW
-
-
 @pytest.mark.parametrize("use_pattern", [True, False])
-@pytest.mark.parametrize("tokens,k", [((3, 7), 40), ((1, 2), 10)])  # merged weight; few tokens: K products added
+@pytest.mark.parametrize("tokens,k", [((3, 7), 40), ((1, 2), 10)])
 def test_delta_gradient_equals_dense_weight_gradient_at_the_positions(use_pattern, tokens, k):
     weight, bias, x, delta, rows, cols, pattern = setup(tokens=tokens, k=k)
-    assert gathers(tokens, k, weight) == (tokens[0] == 1)  # both forward paths are covered
+    frozen = weight.clone()
     y = sparse_delta_linear(x, weight, bias, delta, rows, cols, pattern if use_pattern else None)
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
@@ -37,6 +32,23 @@ def test_delta_gradient_equals_dense_weight_gradient_at_the_positions(use_patter
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(delta.grad, w_dense.grad[rows, cols], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(weight, frozen)  # merged in place for the forward and the backward, restored bit for bit
+
+
+def test_in_place_merge_restores_the_weight_on_an_exception_and_allows_a_second_backward():
+    weight, bias, x, delta, rows, cols, pattern = setup(k=40)
+    frozen = weight.clone()
+    with pytest.raises(RuntimeError, match="inside"):
+        with merged_in_place(weight, rows, cols, delta.detach() + 1) as w:
+            assert w.data_ptr() == weight.data_ptr() and not torch.equal(w, frozen)
+            raise RuntimeError("inside")
+    assert torch.equal(weight, frozen)
+    y = sparse_delta_linear(x, weight, bias, delta, rows, cols, pattern)
+    y.sum().backward(retain_graph=True)
+    first = delta.grad.clone()
+    y.sum().backward()  # the weight's version moved between the two: it is not saved through autograd
+    torch.testing.assert_close(delta.grad, 2 * first)
+    assert torch.equal(weight, frozen)
 
 
 def test_gradcheck_double():
@@ -57,13 +69,12 @@ def test_frozen_weight_gets_no_gradient_and_sddmm_matches_gather():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("keep_used_cols", [False, True])
-@pytest.mark.parametrize("tokens,k", [((4, 50), 300), ((1, 3), 60)])  # merged weight; few tokens: K products added
+@pytest.mark.parametrize("tokens,k", [((4, 50), 300), ((1, 3), 60)])
 def test_low_precision_autocast_takes_the_sddmm_path_with_fp32_accumulation(dtype, keep_used_cols, tokens, k):
     """Under bf16 / fp16 autocast the entry gradients come from the SDDMM kernel (not the gather fallback),
     equal the dense reference's weight gradient at the K positions at low-precision tolerance, and equal the
     fp64 sum over tokens of the low-precision operands at fp32 tolerance (fp32 accumulation)."""
     weight, bias, x, delta, rows, cols, _ = setup(d_in=64, d_out=48, k=k, tokens=tokens)
-    assert gathers(tokens, k, weight) == (tokens[0] == 1)
     extra = ()
     if keep_used_cols:
         used, local = torch.unique(cols, return_inverse=True)

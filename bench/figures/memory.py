@@ -88,26 +88,32 @@ def activation_bytes_per_image(model, x, y, device, amp: bool) -> dict[str, int]
     checkpointed blocks, plus every block's input (checkpointing keeps those), plus one block's saved bytes
     (recomputed in the backward, one block at a time; taken as the whole model's over the depth)."""
     blocks = list(getattr(model, "blocks", []))
-    inputs: list[int] = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0].numel() * a[0].element_size()))
-             for b in blocks]
+    x, y = x.clone(), y.clone()  # a view of a batch would count the whole batch's storage
+    inputs: dict[int, int] = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.update(_storage_bytes(a[0]))) for b in blocks]
     try:
         model.set_grad_checkpointing(False)
-        plain = saved_activation_bytes(model, x, y, device, amp)
+        plain = sum(saved_storages(model, x, y, device, amp).values())
         model.set_grad_checkpointing(True)
         inputs.clear()
-        outside = saved_activation_bytes(model, x, y, device, amp)
+        outside = saved_storages(model, x, y, device, amp)
     finally:
         for h in hooks:
             h.remove()
     per_block = plain // max(1, len(blocks))
+    # Distinct storages: a checkpoint that keeps its block's input through autograd (reentrant) shows it to the
+    # saved-tensor hook too; it is held once.
     return {"saved_bytes_per_image": plain,
-            "checkpointed_bytes_per_image": outside + sum(inputs[:len(blocks)]) + per_block}
+            "checkpointed_bytes_per_image": sum({**inputs, **outside}.values()) + per_block}
 
 
-def saved_activation_bytes(model, x, y, device, amp: bool) -> int:
-    """Bytes of the distinct non-parameter tensors autograd saves for the backward in one training forward
-    (the activation memory a training step holds at its peak, per image when x holds one image)."""
+def _storage_bytes(t: torch.Tensor) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()}
+
+
+def saved_storages(model, x, y, device, amp: bool) -> dict[int, int]:
+    """Bytes by storage of the distinct non-parameter tensors autograd saves for the backward in one training
+    forward (the activation memory a training step holds at its peak, per image when x holds one image)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -124,7 +130,7 @@ def saved_activation_bytes(model, x, y, device, amp: bool) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_ctx(device, amp):
         loss = F.cross_entropy(model(x).float(), y)
     del loss
-    return int(sum(seen.values()))
+    return seen
 
 
 # glibc malloc keeps freed blocks up to a dynamic threshold (growing to 32 MiB) in its heap instead of returning

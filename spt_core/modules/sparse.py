@@ -1,38 +1,35 @@
 """Sparse delta on a frozen Linear weight with an O(K)-memory gradient.
 
-Forward: y = x @ (W + scatter(delta))^T + b, with the scatter done on a weight copy (cheap next to the
-activations); with few tokens (tokens x K under a sixteenth of the weight's size) the K products x[:, cols] *
-delta are added to x @ W^T instead, so no weight-sized buffer is allocated. Backward: grad_x the same way (merged weight or
-G @ W plus the K products), and grad_delta only at the K positions,
+Forward: y = x @ (W + scatter(delta))^T + b. In the weight's own dtype (fp32 training) the K sums are written
+into the frozen weight itself for the product and the K original values written back after it, bit for bit
+(`merged_in_place`: O(K) work, no weight-sized copy); under autocast the merged weight is the cast copy a plain
+Linear makes anyway, with the K sums written into it. Backward: grad_x = G @ (W + scatter(delta)) the same way,
+and grad_delta only at the K positions,
 grad_delta[j] = sum over tokens of G[:, rows[j]] * X[:, cols[j]], computed as a sampled dense-dense
 matmul (SDDMM) on the fixed CSR pattern: no dense weight gradient, no K x K matrix, no full-size state.
 Only the input columns the entries touch are needed for grad_delta; given them (`used_cols`), the function keeps
 just x[..., used_cols] for the backward instead of the whole input (sensitive entries concentrate in a few
 input channels, so this is typically a few percent of it).
 
-Under bf16 / fp16 autocast the layer runs in the autocast dtype like a plain Linear (merged weight built in that
-dtype, the input cast once and saved in it), and the K dot products still go through the SDDMM kernel: the
-low-precision operands are widened to fp32 in the same pass that lays them out for the kernel, so the entry
-gradients accumulate in fp32. On CUDA the K entries are read from the dense product G^T X instead (cuBLAS on the
-operands as they are, fp32 accumulation, then a gather): on an H200 at ViT-B/16 shapes and batch 64 that took
-36-105 us a layer against about 275 us for cuSPARSE's sampled matmul plus the two transposing copies it needs
-(bench/gpu/). The product is one weight-sized buffer, freed at once. The per-entry gather is only a fallback
-(no pattern on CPU, or a device with neither kernel); `PATH_COUNTS` records which one ran.
+Under bf16 / fp16 autocast the layer runs in the autocast dtype like a plain Linear (merged copy built in that
+dtype and kept for the backward, the input cast once and saved in it), and the K dot products still go through
+the SDDMM kernel: the low-precision operands are widened to fp32 in the same pass that lays them out for the
+kernel, so the entry gradients accumulate in fp32. On CUDA the K entries are read from the dense product G^T X
+instead (cuBLAS on the operands as they are, fp32 accumulation, then a gather): on an H200 at ViT-B/16 shapes and
+batch 64 that took 36-105 us a layer against about 275 us for cuSPARSE's sampled matmul plus the two transposing
+copies it needs (bench/gpu/). The product is one weight-sized buffer, freed at once. The per-entry gather is
+only a fallback (no pattern on CPU, or a device with neither kernel); `PATH_COUNTS` records which one ran.
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch.nn import functional as F
 
 _GATHER_CHUNK = 1 << 22  # max tokens * entries per chunk in the gather fallback
-# Below this tokens * K / weight size the forward adds the K products instead of merging: the gathered products
-# cost grows with tokens * K while the merged copy is flat; measured on 2 CPU cores at ViT-B/16 shapes (394
-# tokens, K 300..4000), merging was as fast from 0.05 and 25% faster at 0.67 (where the old rule, 1.0, still
-# gathered).
-_GATHERED_BELOW = 1 / 16
 # The fastest measured way to the K entry gradients, by device type (bench/figures/sparse_grad.py on CPU,
 # bench/gpu_grad_paths.py on CUDA); a device not listed takes the gather fallback.
 FAST_PATH = {"cpu": "sddmm", "cuda": "gemm"}
@@ -114,6 +111,33 @@ def _product_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Te
     return a.to(acc) @ b.to(acc)
 
 
+@contextmanager
+def merged_in_place(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor):
+    """The frozen weight itself with delta added at its K positions for the duration of the block, then the
+    K original values written back, bit for bit (also on an exception): O(K) work where `merged_weight` copies
+    the whole matrix. Only for a weight that does not train, used in its own dtype, and never saved for a
+    backward through autograd (each merge and restore bumps its version counter)."""
+    w = weight.detach()
+    with torch.no_grad():
+        original = w[rows, cols]
+        w.index_put_((rows, cols), original + delta.detach().to(w.dtype))
+        try:
+            yield w
+        finally:
+            w.index_put_((rows, cols), original)
+
+
+def _times_merged(a: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  delta: torch.Tensor, kept: torch.Tensor | None, transpose: bool, bias: torch.Tensor | None = None):
+    """a @ (W + scatter(delta))^T (+ bias) if `transpose`, else a @ (W + scatter(delta)), in a's dtype: with the
+    merged copy `kept` if there is one, else merging into a frozen weight of a's dtype in place, else a copy."""
+    if kept is None and a.dtype == weight.dtype and not weight.requires_grad:
+        with merged_in_place(weight, rows, cols, delta) as w:
+            return F.linear(a, w, bias) if transpose else a @ w
+    w = kept if kept is not None else merged_weight(weight, rows, cols, delta, a.dtype)
+    return F.linear(a, w, bias) if transpose else a @ w
+
+
 class SparseDeltaLinear(torch.autograd.Function):
     """y = F.linear(x, W + scatter(rows, cols, delta), bias) with a sampled gradient for delta.
 
@@ -126,39 +150,30 @@ class SparseDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, delta, rows, cols, pattern, used_cols=None, local_cols=None):
         dtype = compute_dtype(x, weight)  # autocast is on inside forward: follow it explicitly, casting once
         x_c = x.to(dtype)
-        # Few tokens (T x K well below the weight's size): add the K entries' products to W's output instead of
-        # building a merged copy of W, whose fresh allocation costs more than the products there.
-        ctx.gathered = (x_c.numel() // x_c.shape[-1]) * rows.numel() < weight.numel() * _GATHERED_BELOW
-        w = weight.detach().to(dtype) if ctx.gathered else merged_weight(weight, rows, cols, delta, dtype)
         if used_cols is not None and not ctx.needs_input_grad[1]:
             kept, kept_cols = x_c.index_select(-1, used_cols), local_cols
         else:
             kept, kept_cols = x_c, cols
             pattern = pattern if used_cols is None else None  # a pattern over used_cols does not fit x
-        # Under autocast the low-precision merged weight is kept for the backward, as autocast keeps the cast
-        # weight of a plain Linear (half the bytes of the weight); in full precision it is rebuilt instead.
-        ctx.keep_w = dtype != weight.dtype and not ctx.gathered
-        ctx.save_for_backward(kept, weight, delta, rows, cols, kept_cols, w if ctx.keep_w else None)
+        # Under autocast the low-precision merged copy is kept for the backward, as autocast keeps the cast
+        # weight of a plain Linear (half the bytes of the weight); in the weight's own dtype the backward merges
+        # again (in place: O(K)) instead of holding a weight-sized copy.
+        w = merged_weight(weight, rows, cols, delta, dtype) if dtype != weight.dtype else None
+        ctx.save_for_backward(kept, delta, rows, cols, kept_cols, w)
+        ctx.weight = weight  # not through save_for_backward: merging in place bumps its version counter
         ctx.pattern, ctx.x_dtype = pattern, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        y = F.linear(x_c, w, None if bias is None else bias.to(dtype))
-        if ctx.gathered:
-            x2 = x_c.reshape(-1, x_c.shape[-1])
-            y.view(-1, y.shape[-1]).index_add_(1, rows, x2[:, cols] * delta.detach().to(dtype))
-        return y
+        return _times_merged(x_c, weight, rows, cols, delta, w, True, None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
-        kept, weight, delta, rows, cols, kept_cols, w = ctx.saved_tensors
+        kept, delta, rows, cols, kept_cols, w = ctx.saved_tensors
+        weight = ctx.weight
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         k2 = kept.reshape(-1, kept.shape[-1])
         grad_x = grad_w = grad_b = grad_delta = None
         if ctx.needs_input_grad[0]:
-            if ctx.gathered:
-                grad_x = g2 @ weight.detach().to(g2.dtype)
-                grad_x.index_add_(1, cols, g2[:, rows] * delta.detach().to(g2.dtype))
-            else:
-                grad_x = g2 @ (w.to(g2.dtype) if ctx.keep_w else merged_weight(weight, rows, cols, delta, g2.dtype))
+            grad_x = _times_merged(g2, weight, rows, cols, delta, None if w is None else w.to(g2.dtype), False)
             grad_x = grad_x.reshape(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (g2.t() @ k2.to(g2.dtype)).to(weight.dtype)  # kept is all of x when the weight trains
