@@ -92,3 +92,51 @@ def test_one_dropout_one_drop_path_and_three_products_for_q_and_v():
     assert out.shape == (2, 5, 3 * D)
     assert calls == {"dropout": 1, "drop_path": 1}
     assert counter.count == 3
+
+
+def _saved_bytes(fn) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_branch_dropout_equals_dropout_then_product_and_keeps_a_one_byte_mask(amp):
+    """DropoutLinear = F.linear(x * mask / (1 - p), W) with the mask it draws (re-drawn here from the same seed),
+    in output and both gradients; it keeps the dropped input and a bool mask: 5 bytes an element in fp32
+    where F.dropout (a float mask) and the product's saved input kept 8."""
+    from spt_core.modules.lora import DropoutLinear
+
+    p, w = 0.25, torch.randn(6, 64, requires_grad=True)
+    x = torch.randn(8, 50, 64, requires_grad=True)
+    drop = DropoutLinear(p).train()
+    upstream = torch.randn(8, 50, 6)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
+    torch.manual_seed(5)
+    with ctx:
+        out = drop(x, w)
+    got = torch.autograd.grad(out, (x, w), upstream.to(out.dtype))
+    torch.manual_seed(5)
+    mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    assert 0.2 < 1 - mask.float().mean().item() < 0.3
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    with ctx:
+        ref = F.linear(x_ref * mask / (1 - p), w_ref)
+    want = torch.autograd.grad(ref, (x_ref, w_ref), upstream.to(ref.dtype))
+    tol = dict(rtol=2e-2, atol=2e-2) if amp else dict(rtol=1e-5, atol=1e-5)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, **tol)
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h, **tol)
+    assert (got[0][~mask] == 0).all()
+    if not amp:
+        n = x.numel()
+        assert _saved_bytes(lambda: drop(x, w)) == 5 * n + w.numel() * 4
+        assert _saved_bytes(lambda: F.linear(F.dropout(x, p, True), w)) >= 8 * n
+    assert torch.equal(DropoutLinear(p).eval()(x, w), F.linear(x, w))

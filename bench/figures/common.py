@@ -157,9 +157,8 @@ def sync(device) -> None:
 
 
 def autocast_ctx(device, amp: bool):
-    if amp and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast on the device when `amp` (the VTAB recipe's setting), else nothing."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
 class Runner:
