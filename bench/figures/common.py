@@ -200,3 +200,29 @@ class Runner:
 
 def median(xs):
     return statistics.median(xs) if xs else None
+
+
+# Ops that only describe, allocate or view memory: no kernel of their own on a GPU.
+_NO_KERNEL = {"view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "slice",
+              "select", "narrow", "split", "split_with_sizes", "unbind", "unsqueeze", "squeeze", "as_strided",
+              "alias", "detach", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
+              "new_empty_strided", "item", "_local_scalar_dense", "is_same_size", "sym_size", "sym_stride"}
+
+
+def ops_per_call(fn) -> int:
+    """How many aten ops that compute something (one or more GPU kernels each) one call of `fn` dispatches:
+    where a GPU step is short, each costs a launch, so this counts fixed per-step work a CPU can see."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _NO_KERNEL:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+

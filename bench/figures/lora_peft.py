@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch.nn import functional as F
 
-from .common import autocast_ctx, median, sync
+from .common import autocast_ctx, median, ops_per_call, sync
 
 
 def peft_available() -> str | None:
@@ -76,6 +76,8 @@ def measure_lora_vs_peft(*, arch: str, img_size: int, batch: int, rank: int, rou
     for name in models:
         for _ in range(warmup):
             step(name)
+    ops = {name: ops_per_call(lambda: step(name)) for name in models}
+    for name in models:
         cpu[name].clear()
     times: dict[str, list[float]] = {n: [] for n in models}
     for r in range(rounds):
@@ -89,10 +91,10 @@ def measure_lora_vs_peft(*, arch: str, img_size: int, batch: int, rank: int, rou
 
     log(f"  LoRA r{rank} on {arch}, batch {batch}: spt_core {median(times['spt_core']):.3f} s vs PEFT "
         f"{median(times['peft']):.3f} s -> {median(ratios):.3f} ({params['spt_core']:,} vs {params['peft']:,} "
-        "trainable)")
+        f"trainable; aten ops per step {ops['spt_core']} vs {ops['peft']})")
     return {"ratio": median(ratios), "ratio_per_round": ratios, "cpu_time_ratio": median(cpu_ratios),
             "cpu_time_ratio_per_round": cpu_ratios, "step_s": times,
-            "step_s_median": {n: median(v) for n, v in times.items()}, "trainable_params": params,
+            "step_s_median": {n: median(v) for n, v in times.items()}, "trainable_params": params, "ops_per_step": ops,
             "arch": arch, "img_size": img_size, "batch": batch, "rank": rank, "rounds": rounds,
             "lora_dropout": plan.lora_dropout, "lora_drop_path": plan.lora_drop_path, "peft": peft.__version__,
             "peft_targets": ["qkv"], "spt_core_targets": ["q", "v"]}

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch.nn import functional as F
 
-from .common import ModelSpec, Runner, make_batches, median, sync
+from .common import ModelSpec, Runner, make_batches, median, ops_per_call, sync
 
 
 
@@ -23,7 +23,8 @@ def measure_steps(spec: ModelSpec, plans: dict[str, Any], *, batch: int, rounds:
     for n in names:
         for _ in range(warmup):
             runners[n].step(x, y)
-    log(f"  warm-up done ({warmup} step(s) per configuration)")
+    ops = {n: ops_per_call(lambda: runners[n].step(x, y)) for n in names}
+    log(f"  warm-up done ({warmup} step(s) per configuration); aten ops per step: {ops}")
     times: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     eval_s: list[float] = []
@@ -37,7 +38,7 @@ def measure_steps(spec: ModelSpec, plans: dict[str, Any], *, batch: int, rounds:
         log("  round %d/%d: %s" % (r + 1, rounds, ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names)))
     del runners
     gc.collect()
-    out: dict[str, Any] = {"batch": batch, "rounds": rounds, "warmup": warmup,
+    out: dict[str, Any] = {"batch": batch, "rounds": rounds, "warmup": warmup, "ops_per_step": ops,
                            "step_s": times, "step_s_median": {n: median(times[n]) for n in names},
                            "step_cpu_s": cpu, "eval_forward_s": eval_s, "eval_forward_s_median": median(eval_s)}
     for other in ("lora", "full"):

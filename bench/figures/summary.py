@@ -94,6 +94,9 @@ def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     if st.get("step_s_median"):
         n.append("median step: " + ", ".join(f"{k} {v:.3f} s" for k, v in st["step_s_median"].items())
                  + f" at batch {st['batch']} ({st['rounds']} interleaved rounds)")
+    if st.get("ops_per_step"):
+        n.append("aten ops that compute (GPU kernels) per training step: " +
+                 ", ".join(f"{k} {v}" for k, v in st["ops_per_step"].items()))
     for clock, key in (("wall", "spt_vs_lora_per_round"), ("CPU", "spt_vs_lora_cpu_per_round")):
         rounds = st.get(key) or []
         if rounds:
@@ -104,7 +107,8 @@ def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         cpu = lp.get("cpu_time_ratio_per_round") or [float("nan")]
         n.append(f"LoRA vs PEFT on {lp['arch']} at batch {lp['batch']}, rank {lp['rank']} ({lp['trainable_params']}"
                  f" trainable): wall time per round {min(lp['ratio_per_round']):.3f}..{max(lp['ratio_per_round']):.3f}"
-                 f" (median {lp['ratio']:.3f}), CPU time per round {min(cpu):.3f}..{max(cpu):.3f}")
+                 f" (median {lp['ratio']:.3f}), CPU time per round {min(cpu):.3f}..{max(cpu):.3f}"
+                 + (f"; aten ops per step {lp['ops_per_step']}" if lp.get("ops_per_step") else ""))
     sl = raw.get("sparse_layer") or {}
     for key in ("0.1%", "1%"):
         if key in sl:
