@@ -56,8 +56,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                  step_configs=("lora", "spt"), peft=dict(peft, batch=2, rounds=2, img_size=32,
                                                           model_kwargs=dict(patch_size=8, depth=2)))
     elif args.quick:
-        s = dict(mode="quick", batch=2, rounds=4, warmup=1, sens_batches=1, sens_rounds=2, mem_steps=2,
-                 mem_batches=(64,), sparse_rounds=5, result_rows=1_000_000, sweep=False, query=False,
+        s = dict(mode="quick", batch=2, rounds=8, warmup=1, sens_batches=1, sens_rounds=2, mem_steps=2,
+                 mem_batches=(64,), sparse_rounds=11, result_rows=1_000_000, sweep=False, query=False,
                  calibrate=False, step_configs=("lora", "spt"), peft=dict(peft, rounds=5))
     else:
         s = dict(mode="gpu" if args.gpu else "full", batch=64, rounds=10, warmup=3, sens_batches=4, sens_rounds=4,

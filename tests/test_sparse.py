@@ -126,6 +126,22 @@ def test_every_gradient_path_equals_the_brute_force_sum_over_tokens(path, dtype)
         torch.testing.assert_close(got.double(), brute, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sddmm_over_token_chunks_sums_every_chunk(monkeypatch, dtype):
+    """The SDDMM path runs the tokens in chunks (a cache-sized working set); the chunks' sums add up to the
+    per-entry sum over all tokens, a last partial chunk included."""
+    from spt_core.modules import sparse
+
+    _, _, _, _, rows, cols, pattern = setup(d_in=64, d_out=48, k=300)
+    gen = torch.Generator().manual_seed(4)
+    g, x = torch.randn(103, 48, generator=gen).to(dtype), torch.randn(103, 64, generator=gen).to(dtype)
+    brute = (g.double()[:, rows] * x.double()[:, cols]).sum(0)
+    monkeypatch.setattr(sparse, "_SDDMM_CHUNK_BYTES", 10 * (48 + 64) * 4)  # 10 tokens a chunk: 11 chunks
+    chunked = sampled_grad(g, x, rows, cols, pattern, path="sddmm")
+    torch.testing.assert_close(chunked.double(), brute, rtol=1e-4, atol=1e-4)
+    assert torch.equal(pattern.values(), torch.zeros(300))  # the shared pattern is not written to
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_takes_the_gemm_path_and_matches_the_dense_reference():
     weight, bias, x, delta, rows, cols, pattern = (t.cuda() if isinstance(t, torch.Tensor) else t for t in
