@@ -106,13 +106,16 @@ def _saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("fused", [False, True])  # True: the CUDA path (native_dropout), forced on the CPU
 @pytest.mark.parametrize("amp", [False, True])
-def test_branch_dropout_equals_dropout_then_product_and_keeps_a_one_byte_mask(amp):
+def test_branch_dropout_equals_dropout_then_product_and_keeps_a_one_byte_mask(amp, fused, monkeypatch):
     """DropoutLinear = F.linear(x * mask / (1 - p), W) with the mask it draws (re-drawn here from the same seed),
     in output and both gradients; it keeps the dropped input and a bool mask: 5 bytes an element in fp32
     where F.dropout (a float mask) and the product's saved input kept 8."""
-    from spt_core.modules.lora import DropoutLinear
+    from spt_core.modules import lora
 
+    DropoutLinear = lora.DropoutLinear
+    monkeypatch.setattr(lora, "FUSED_DROPOUT", {"cpu"} if fused else set())
     p, w = 0.25, torch.randn(6, 64, requires_grad=True)
     x = torch.randn(8, 50, 64, requires_grad=True)
     drop = DropoutLinear(p).train()
@@ -123,7 +126,8 @@ def test_branch_dropout_equals_dropout_then_product_and_keeps_a_one_byte_mask(am
         out = drop(x, w)
     got = torch.autograd.grad(out, (x, w), upstream.to(out.dtype))
     torch.manual_seed(5)
-    mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    mask = (torch.native_dropout(x, p, True)[1] if fused else
+            torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p))
     assert 0.2 < 1 - mask.float().mean().item() < 0.3
     x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     with ctx:

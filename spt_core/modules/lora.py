@@ -17,6 +17,11 @@ from .quant import init_up_weight, maybe_quantize
 from .sparse import compute_dtype
 
 
+# Devices whose native_dropout is one fused kernel (mask and output in one pass); elsewhere (CPU) a one-byte
+# mask is drawn and applied by hand, 2-3x faster than native_dropout there.
+FUSED_DROPOUT = {"cuda"}
+
+
 class _DropoutLinear(torch.autograd.Function):
     """F.linear(dropout(x), weight), keeping the dropped input (in the product's dtype, as F.linear would) and a
     one-byte mask for the backward. F.dropout on a CPU keeps its mask in the input's dtype, so a float32 branch
@@ -26,8 +31,13 @@ class _DropoutLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p):
         dtype = compute_dtype(x, weight)
-        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
-        dropped = x.mul(mask).mul_(1 / (1 - p)).to(dtype)
+        ctx.fused = x.device.type in FUSED_DROPOUT
+        if ctx.fused:
+            dropped, mask = torch.native_dropout(x, p, True)
+        else:
+            mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+            dropped = x.mul(mask).mul_(1 / (1 - p))
+        dropped = dropped.to(dtype)
         ctx.save_for_backward(dropped, mask, weight)
         ctx.scale, ctx.x_dtype = 1 / (1 - p), x.dtype
         return F.linear(dropped, weight.to(dtype))
@@ -37,7 +47,9 @@ class _DropoutLinear(torch.autograd.Function):
         dropped, mask, weight = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype).mul_(mask).mul_(ctx.scale)
+            grad_x = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype)
+            grad_x = (torch.ops.aten.native_dropout_backward(grad_x, mask, ctx.scale) if ctx.fused else
+                      grad_x.mul_(mask).mul_(ctx.scale))
         if ctx.needs_input_grad[1]:
             g2, d2 = grad_out.reshape(-1, grad_out.shape[-1]), dropped.reshape(-1, dropped.shape[-1])
             grad_w = (g2.t() @ d2.to(g2.dtype)).to(weight.dtype)
