@@ -82,29 +82,36 @@ def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def activation_bytes_per_image(model, x, y, device, amp: bool) -> dict[str, int]:
-    """What one image adds to the peak, from tensor bytes (deterministic, unlike RSS at small batches).
+    """What one image adds to the peak, from tensor bytes (deterministic, unlike RSS at small batches): the
+    difference between a two-image and a one-image forward, so what a step saves whatever the batch (autocast's
+    weight casts, merged weight copies) is left out of the slope and reported as `saved_fixed_bytes`.
 
     Without checkpointing: the bytes autograd saves for the backward. With it: what stays saved outside the
     checkpointed blocks, plus every block's input (checkpointing keeps those), plus one block's saved bytes
     (recomputed in the backward, one block at a time; taken as the whole model's over the depth)."""
+    one = x[:1].clone(), y[:1].clone()  # a view of a batch would count the whole batch's storage
+    two = one[0].repeat(2, *([1] * (x.dim() - 1))), one[1].repeat(2)
+    plain = {n: _saved_bytes(model, *b, device, amp, checkpointing=False) for n, b in ((1, one), (2, two))}
+    kept = {n: _saved_bytes(model, *b, device, amp, checkpointing=True) for n, b in ((1, one), (2, two))}
+    per_image = plain[2] - plain[1]
+    return {"saved_bytes_per_image": per_image, "saved_fixed_bytes": max(0, plain[1] - per_image),
+            "checkpointed_bytes_per_image": kept[2] - kept[1] + per_image // max(1, len(getattr(model, "blocks", [])))}
+
+
+def _saved_bytes(model, x, y, device, amp: bool, *, checkpointing: bool) -> int:
+    """Bytes autograd saves in one training forward; with checkpointing, plus every block's input, each storage
+    once (a checkpoint that keeps its input through autograd, as the reentrant one does, shows it to the hook)."""
     blocks = list(getattr(model, "blocks", []))
-    x, y = x.clone(), y.clone()  # a view of a batch would count the whole batch's storage
     inputs: dict[int, int] = {}
     hooks = [b.register_forward_pre_hook(lambda m, a: inputs.update(_storage_bytes(a[0]))) for b in blocks]
     try:
-        model.set_grad_checkpointing(False)
-        plain = sum(saved_storages(model, x, y, device, amp).values())
-        model.set_grad_checkpointing(True)
-        inputs.clear()
-        outside = saved_storages(model, x, y, device, amp)
+        model.set_grad_checkpointing(checkpointing)
+        saved = saved_storages(model, x, y, device, amp)
     finally:
+        model.set_grad_checkpointing(False)
         for h in hooks:
             h.remove()
-    per_block = plain // max(1, len(blocks))
-    # Distinct storages: a checkpoint that keeps its block's input through autograd (reentrant) shows it to the
-    # saved-tensor hook too; it is held once.
-    return {"saved_bytes_per_image": plain,
-            "checkpointed_bytes_per_image": sum({**inputs, **outside}.values()) + per_block}
+    return sum(({**inputs, **saved} if checkpointing else saved).values())
 
 
 def _storage_bytes(t: torch.Tensor) -> dict[int, int]:
@@ -215,13 +222,15 @@ def project(runs: dict[str, dict[int, dict[str, Any]]], batches: tuple[int, ...]
 
 def saved_bytes_projection(runs: dict[str, dict[int, dict[str, Any]]], batch: int) -> dict[str, Any] | None:
     """Without checkpointing, for context: fixed = parameters + 12 bytes per trainable parameter (gradient and
-    two AdamW moments), activations = batch x the bytes autograd saves per image (saved-tensor hook)."""
+    two AdamW moments) + what a step saves whatever the batch, activations = batch x the bytes autograd saves per
+    image (saved-tensor hook)."""
     cfg = {}
     for name, by_batch in runs.items():
         m = by_batch.get(batch) or {}
         if not m.get("saved_bytes_per_image"):
             return None
-        cfg[name] = {"fixed_mib": (m["param_bytes"] + 12 * m["trainable_params_with_head"]) / 2**20,
+        fixed = m["param_bytes"] + 12 * m["trainable_params_with_head"] + m.get("saved_fixed_bytes", 0)
+        cfg[name] = {"fixed_mib": fixed / 2**20,
                      "saved_mib_per_image": m["saved_bytes_per_image"] / 2**20}
     if "spt" not in cfg or "full" not in cfg:
         return {"configs": cfg}
