@@ -69,8 +69,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             s[key] = getattr(args, key)
     if args.sweep is not None:
         s["sweep"] = args.sweep
-    # Peak memory under the recipe's bf16 autocast on any device (on a CPU it matched the H200's figure within
-    # 1%); step times in bf16 on a GPU only: CPU kernels under bf16 say little about a GPU's.
+    # Peak memory under the recipe's bf16 autocast on any device (on a CPU it came within 2% of the H200's
+    # figure); step times in bf16 on a GPU only: CPU kernels under bf16 say little about a GPU's.
     s.update(device=device, amp=bool(cuda and not args.no_amp), mem_amp=not args.no_amp,
              threads=torch.get_num_threads(), grad_checkpointing=not args.no_grad_checkpointing)
     return s

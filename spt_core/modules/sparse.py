@@ -93,14 +93,14 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, co
         PATH_COUNTS["gemm"] += 1
         return _product_acc(grad_out.t(), x, acc)[rows, cols].to(acc)
     if path == "sddmm" and pattern is not None:
-        out = pattern.to(device=grad_out.device, dtype=acc)  # zero values: the chunks' sums add onto them
+        out = pattern.to(device=grad_out.device, dtype=acc)
         step = max(1, _SDDMM_CHUNK_BYTES // ((grad_out.shape[1] + x.shape[1]) * acc.itemsize))
         for t in range(0, grad_out.shape[0], step):
             g_t = grad_out[t:t + step].t().to(acc, memory_format=torch.contiguous_format)
             x_t = x[t:t + step].t().to(acc, memory_format=torch.contiguous_format)
-            out = torch.sparse.sampled_addmm(out, g_t, x_t.t())
+            out = torch.sparse.sampled_addmm(out, g_t, x_t.t(), beta=1.0 if t else 0.0)  # later chunks add on
         PATH_COUNTS["sddmm"] += 1
-        return out.values()
+        return out.values() if grad_out.shape[0] else torch.zeros_like(out.values())
     PATH_COUNTS["gather"] += 1
     g, x = grad_out.to(acc), x.to(acc)
     step = max(1, _GATHER_CHUNK // max(1, g.shape[0]))
