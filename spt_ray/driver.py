@@ -226,7 +226,10 @@ def _run_tune(spec: SweepSpec, storage: Storage, contexts: dict[str, TrialContex
                                             # progress lines, trackers:
                                             *phase_callbacks(spec, "search", searcher, spec.search_samples)],
                                  failure_config=FailureConfig(max_failures=spec.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 # one per trial: Tune deletes the older only once the newer is persisted,
+                                 # so a resume or an export always finds a complete one; two kept doubled a
+                                 # sweep's storage (AdamW moments included)
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                                  verbose=tune_verbosity(spec.verbose)),
         )
     t0 = time.perf_counter()

@@ -90,8 +90,9 @@ def test_worker_node_lost_mid_trial_resumes_from_checkpoint(ray_cluster, ray_min
     driver.start()
     experiment = tmp_path / "tune" / "nodeloss-sweep"
     _wait(lambda: any(experiment.glob("*/checkpoint_00000[0-9]")), 180, "the first checkpoint")
-    spare = ray_cluster.add_node(num_cpus=1, resources={"spt_victim": 1}, object_store_memory=96 * 2**20)
+    # the victim goes first: starting the spare takes seconds, in which the trial could finish on the victim
     ray_cluster.remove_node(victim, allow_graceful=False)
+    spare = ray_cluster.add_node(num_cpus=1, resources={"spt_victim": 1}, object_store_memory=96 * 2**20)
     driver.join(timeout=240)
     assert not driver.is_alive() and "result" in outcome
     reports = [r for r in read_results(tmp_path, "nodeloss").to_pylist() if r["row_kind"] == "report"]
