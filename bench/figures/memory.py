@@ -101,8 +101,8 @@ def activation_bytes_per_image(model, x, y, device, amp: bool) -> dict[str, int]
 def _saved_bytes(model, x, y, device, amp: bool, *, checkpointing: bool) -> int:
     """Bytes autograd saves in one training forward; with checkpointing, plus every block's input, each storage
     once (a checkpoint that keeps its input through autograd, as the reentrant one does, shows it to the hook)."""
-    blocks = list(getattr(model, "blocks", []))
     inputs: dict[int, int] = {}
+    blocks = list(getattr(model, "blocks", [])) if checkpointing else []
     hooks = [b.register_forward_pre_hook(lambda m, a: inputs.update(_storage_bytes(a[0]))) for b in blocks]
     try:
         model.set_grad_checkpointing(checkpointing)
@@ -111,7 +111,7 @@ def _saved_bytes(model, x, y, device, amp: bool, *, checkpointing: bool) -> int:
         model.set_grad_checkpointing(False)
         for h in hooks:
             h.remove()
-    return sum(({**inputs, **saved} if checkpointing else saved).values())
+    return sum({**inputs, **saved}.values())
 
 
 def _storage_bytes(t: torch.Tensor) -> dict[int, int]:

@@ -24,16 +24,15 @@ only a fallback (no pattern on CPU, or a device with neither kernel); `PATH_COUN
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.nn import functional as F
 
 _GATHER_CHUNK = 1 << 22  # max tokens * entries per chunk in the gather fallback
 # Tokens go through the SDDMM kernel in chunks whose laid-out fp32 operands take at most this many bytes, so the
-# transient copies stay cache-sized whatever the batch (one pass at batch 64 and fc1's shape would lay out 190 MB).
-# At ViT-B/16 shapes (1,576 tokens, 768 x 768) on 2 CPU cores: 2-3x faster than one pass in a fresh process; the
-# same within noise in a process whose allocator has warmed up (bench/run.py's sparse layer figure).
+# transient copies stay cache-sized whatever the batch (one pass at batch 64 and fc1's shape would lay out 190 MB);
+# bench/run.py's sparse layer figure was the same within noise with and without chunks.
 _SDDMM_CHUNK_BYTES = 1 << 22
 # The fastest measured way to the K entry gradients, by device type (bench/figures/sparse_grad.py on CPU,
 # bench/gpu_grad_paths.py on CUDA); a device not listed takes the gather fallback.
@@ -140,11 +139,14 @@ def _times_merged(a: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, col
                   delta: torch.Tensor, kept: torch.Tensor | None, transpose: bool, bias: torch.Tensor | None = None):
     """a @ (W + scatter(delta))^T (+ bias) if `transpose`, else a @ (W + scatter(delta)), in a's dtype: with the
     merged copy `kept` if there is one, else merging into a frozen weight of a's dtype in place, else a copy."""
-    if kept is None and a.dtype == weight.dtype and not weight.requires_grad:
-        with merged_in_place(weight, rows, cols, delta) as w:
-            return F.linear(a, w, bias) if transpose else a @ w
-    w = kept if kept is not None else merged_weight(weight, rows, cols, delta, a.dtype)
-    return F.linear(a, w, bias) if transpose else a @ w
+    if kept is not None:
+        merged = nullcontext(kept)
+    elif a.dtype == weight.dtype and not weight.requires_grad:
+        merged = merged_in_place(weight, rows, cols, delta)
+    else:
+        merged = nullcontext(merged_weight(weight, rows, cols, delta, a.dtype))
+    with merged as w:
+        return F.linear(a, w, bias) if transpose else a @ w
 
 
 class SparseDeltaLinear(torch.autograd.Function):
