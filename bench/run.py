@@ -71,6 +71,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         s["sweep"] = args.sweep
     # Peak memory under the recipe's bf16 autocast on any device (on a CPU it came within 2% of the H200's
     # figure); step times in bf16 on a GPU only: CPU kernels under bf16 say little about a GPU's.
+    # The sparse layer at one batch of the mode's recipe: batch 8 on a CPU, 64 on a GPU (197 tokens an image); at
+    # batch 8 a GPU layer's time is mostly the launches and the autograd calls, not the layer's work.
+    s.update(sparse_tokens=197 * (64 if s["mode"] == "gpu" else 8), path_rounds=1 if s["mode"] == "tiny" else 3)
     s.update(device=device, amp=bool(cuda and not args.no_amp), mem_amp=not args.no_amp,
              threads=torch.get_num_threads(), grad_checkpointing=not args.no_grad_checkpointing)
     return s
@@ -203,7 +206,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 reasons[f] = "a memory subprocess failed: " + json.dumps(r.get("runs"), default=str)[:400]
 
     r = stage("sparse_layer", lambda: figures.measure_sparse_layer(rounds=s["sparse_rounds"], device=s["device"],
-                                                                   log=log),
+                                                                   tokens=s["sparse_tokens"], log=log),
               "sparse_layer_vs_dense_bf16_p001", "sparse_layer_vs_dense_bf16_p01")
     if r is not None:
         out["sparse_layer_vs_dense_bf16_p001"], out["sparse_layer_vs_dense_bf16_p01"] = (
@@ -212,6 +215,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                                                                  log=log), "sparse_grad_vs_dense")
     if r is not None:
         out["sparse_grad_vs_dense"] = {k: r[k]["ratio"] for k in SPARSE_KEYS}
+    if s["device"] == "cpu":  # the CPU picks its entry-gradient kernel by a cost model: check its constants
+        stage("path_costs", lambda: figures.measure_path_costs(rounds=s["path_rounds"], log=log))
 
     missing_peft = figures.peft_available()
     if missing_peft:
@@ -328,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
     ap.add_argument("--sweep-timeout", type=float, default=900)
     ap.add_argument("--skip", nargs="*", choices=("plans", "steps", "sensitivity", "memory", "sparse_layer",
-                                                  "sparse_grad", "lora_peft", "ranking", "sweep", "results_query"))
+                                                  "sparse_grad", "path_costs", "lora_peft", "ranking", "sweep",
+                                                  "results_query"))
     ap.add_argument("--gpu-step-s", type=float, help="GPU seconds per SPT step at batch 64, for the cost model")
     ap.add_argument("--gpu-eval-s", type=float, help="GPU seconds per forward batch of 64, for the cost model")
     ap.add_argument("--gpu-json", help="a results.json from a GPU run, for the cost model")

@@ -48,7 +48,10 @@ def test_bench_quick_tiny_writes_every_field_and_keeps_other_keys(tmp_path):
         else:
             assert _number(value), (field, value)
     assert results["lora_vs_peft_step_time"] is not None or "peft" in results["reasons"]["lora_vs_peft_step_time"]
-    assert all(results["raw"]["sparse_layer"][k]["kernel"] == "sddmm" for k in ("0.1%", "1%"))  # bf16 fast path
+    layer = results["raw"]["sparse_layer"]
+    assert all(layer[k]["kernel"] == "sddmm" for k in ("0.1%", "1%"))  # bf16 fast path, spread entries
+    assert layer["1%_concentrated"]["kernel"] == "gemm"  # entries in few input columns: the dense product
+    assert 0 <= results["raw"]["path_costs"]["agreement"] <= 1 and results["raw"]["path_costs"]["fit"]["layout"]
     for key in ("machine", "date", "command", "versions"):
         assert results[key], key
     assert results["command"].startswith("python bench/run.py --quick")

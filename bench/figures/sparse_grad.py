@@ -37,16 +37,28 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device,
     return samples
 
 
-def random_entries(d: int, density: float, g: torch.Generator, device):
+def random_entries(d: int, density: float, g: torch.Generator, device, col_fraction: float | None = None):
     """K = density x d^2 distinct positions of a d x d matrix, uniformly at random (no row or column
-    concentration: the worst case for the SDDMM's layout copies), their CSR pattern and a zero delta."""
+    concentration: the worst case for the entry gradients' operands), or, with `col_fraction`, uniformly within
+    that share of the input columns (as in SPT's released allocations, whose entries fall in 0.1-10% of a
+    matrix's input columns). Returns K, rows, cols, a zero delta and the layer's keyword arguments: the CSR
+    pattern, and for concentrated entries the used columns as TunedLinear passes them."""
     from spt_core.modules.sparse import csr_pattern
 
     k = max(1, round(density * d * d))
-    flat = torch.sort(torch.randperm(d * d, generator=g)[:k]).values.to(device)
-    rows, cols = flat // d, flat % d
+    if col_fraction is None:
+        flat = torch.sort(torch.randperm(d * d, generator=g)[:k]).values
+    else:
+        used = torch.sort(torch.randperm(d, generator=g)[:max(1, round(col_fraction * d))]).values
+        picks = torch.randperm(d * used.numel(), generator=g)[:k]
+        flat = torch.sort(picks // used.numel() * d + used[picks % used.numel()]).values
+    rows, cols = (flat // d).to(device), (flat % d).to(device)
     delta = torch.zeros(k, device=device, requires_grad=True)
-    return k, rows, cols, csr_pattern(rows, cols, (d, d)), delta
+    if col_fraction is None:
+        return k, rows, cols, delta, {"pattern": csr_pattern(rows, cols, (d, d))}
+    used_cols, local_cols = torch.unique(cols, return_inverse=True)
+    return k, rows, cols, delta, {"pattern": csr_pattern(rows, local_cols, (d, used_cols.numel())),
+                                  "used_cols": used_cols, "local_cols": local_cols}
 
 
 def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0.01), rounds: int = 7,
@@ -63,7 +75,8 @@ def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0
     out: dict[str, Any] = {"d": d, "tokens": tokens, "rounds": rounds}
 
     for density in densities:
-        k, rows, cols, pattern, delta = random_entries(d, density, g, device)
+        k, rows, cols, delta, layer_kw = random_entries(d, density, g, device)
+        pattern = layer_kw["pattern"]
         xg = X.clone().requires_grad_()
         w_dense = W.clone().requires_grad_()
         mask = torch.zeros(d, d, device=device)
@@ -89,9 +102,56 @@ def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0
     return out
 
 
-def measure_sparse_layer(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0.01), rounds: int = 7,
-                         device="cpu", dtype: torch.dtype = torch.bfloat16,
-                         log: Callable[[str], None]) -> dict[str, Any]:
+# Shapes of the entry-gradient kernels' cost fit: (d_out, kept input columns, entries per product element).
+PATH_SHAPES = tuple((d_out, n, fill) for d_out in (768, 3072) for n in (8, 48, 192, 768) for fill in (0.002, 0.02, 0.2))
+
+
+def measure_path_costs(*, tokens: int = 1576, shapes=PATH_SHAPES, rounds: int = 3, dtype=torch.bfloat16,
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    """Both CPU kernels for the K entry gradients (sampled_grad's "sddmm" and "gemm") on a grid of layer
+    shapes, and the cost model's constants fitted to them: per token, the SDDMM costs layout x (d_out + n_in)
+    + entry x K and the dense product d_out x n_in, in units of one of its multiply-adds (CPU_COST in
+    spt_core/modules/sparse.py). `agreement` is the share of shapes where the model (with the constants in
+    use) picks the kernel that measured faster; `loss` the time the wrong picks cost, as a share of the total."""
+    import numpy as np
+
+    from spt_core.modules.sparse import csr_pattern, fast_path, sampled_grad
+
+    g = torch.Generator().manual_seed(0)
+    rows_out = []
+    for d_out, n, fill in shapes:
+        k = max(1, round(fill * d_out * n))
+        flat = torch.sort(torch.randperm(d_out * n, generator=g)[:k]).values
+        r, c = flat // n, flat % n
+        pattern = csr_pattern(r, c, (d_out, n))
+        G = torch.randn(tokens, d_out, generator=g).to(dtype)
+        X = torch.randn(tokens, n, generator=g).to(dtype)
+        fns = {p: (lambda p=p: sampled_grad(G, X, r, c, pattern, path=p)) for p in ("sddmm", "gemm")}
+        t = {p: median(v) for p, v in interleaved(fns, rounds, "cpu").items()}
+        rows_out.append({"d_out": d_out, "n_in": n, "k": k, "s": t, "picked": fast_path("cpu", d_out, n, k)})
+    per_token = lambda row, p: row["s"][p] / tokens  # noqa: E731
+    mac = median([per_token(x, "gemm") / (x["d_out"] * x["n_in"]) for x in rows_out])
+    a = np.array([[x["d_out"] + x["n_in"], x["k"]] for x in rows_out], dtype=float)
+    b = np.array([per_token(x, "sddmm") / mac for x in rows_out])
+    (layout, entry), *_ = np.linalg.lstsq(a / b[:, None], np.ones(len(b)), rcond=None)  # relative error
+    faster = [min(x["s"], key=x["s"].get) for x in rows_out]
+    lost = sum(x["s"][x["picked"]] - min(x["s"].values()) for x in rows_out)
+    out = {"tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "shapes": rows_out,
+           "fit": {"layout": float(layout), "entry": float(entry), "mac_ns": mac * 1e9},
+           "agreement": sum(x["picked"] == f for x, f in zip(rows_out, faster)) / len(rows_out),
+           "loss": lost / sum(min(x["s"].values()) for x in rows_out)}
+    log(f"  entry-gradient kernels on {len(rows_out)} shapes: fitted layout {layout:.0f}, entry {entry:.1f} "
+        f"(multiply-adds of the dense product); the model in use picks the faster kernel on "
+        f"{out['agreement']:.0%} of them, losing {out['loss']:.1%} of the best time")
+    return out
+
+
+# The sparse layer's cases: (key, density, share of input columns holding the entries; None: anywhere).
+LAYER_CASES = (("0.1%", 0.001, None), ("1%", 0.01, None), ("1%_concentrated", 0.01, 0.05))
+
+
+def measure_sparse_layer(*, d: int = 768, tokens: int = 1576, cases=LAYER_CASES, rounds: int = 7, device="cpu",
+                         dtype: torch.dtype = torch.bfloat16, log: Callable[[str], None]) -> dict[str, Any]:
     """A d x d layer under `dtype` autocast, forward + backward (input gradient included, as inside a
     network): the sparse delta (SparseDeltaLinear on a frozen weight, bias) against a plain trainable
     nn.Linear. Records which kernel produced the entry gradients (spt_core.modules.sparse.PATH_COUNTS)."""
@@ -110,12 +170,12 @@ def measure_sparse_layer(*, d: int = 768, tokens: int = 1576, densities=(0.001, 
             y = dense(X)
         return torch.autograd.grad(y, (X, dense.weight, dense.bias), G)
 
-    for density in densities:
-        k, rows, cols, pattern, delta = random_entries(d, density, g, device)
+    for key, density, col_fraction in cases:
+        k, rows, cols, delta, layer_kw = random_entries(d, density, g, device, col_fraction)
 
         def sparse_step():
             with torch.autocast(kind, dtype=dtype):
-                y = sparse_delta_linear(X, W, b, delta, rows, cols, pattern)
+                y = sparse_delta_linear(X, W, b, delta, rows, cols, **layer_kw)
             return torch.autograd.grad(y, (X, delta), G)
 
         before = dict(PATH_COUNTS)
@@ -124,8 +184,8 @@ def measure_sparse_layer(*, d: int = 768, tokens: int = 1576, densities=(0.001, 
         cpu: dict[str, list[float]] = {}
         samples = interleaved({"sparse": sparse_step, "dense": dense_step}, rounds, device, cpu)
         ratios = [a / b for a, b in zip(samples["sparse"], samples["dense"])]
-        key = f"{density * 100:g}%"
-        out[key] = {"k": k, "kernel": path, "s_median": {n: median(v) for n, v in samples.items()},
+        out[key] = {"k": k, "density": density, "col_fraction": col_fraction, "kernel": path,
+                    "s_median": {n: median(v) for n, v in samples.items()},
                     "ratio": median(ratios), "ratio_per_round": ratios,
                     "cpu_time_ratio": median([a / b for a, b in zip(cpu["sparse"], cpu["dense"])])}
         log(f"  sparse layer fwd+bwd under {out['dtype']} at {key} (K={k}, {path}): "

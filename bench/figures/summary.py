@@ -111,12 +111,19 @@ def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
                  f" (median {lp['ratio']:.3f}), CPU time per round {min(cpu):.3f}..{max(cpu):.3f}"
                  + (f"; aten ops per step {lp['ops_per_step']}" if lp.get("ops_per_step") else ""))
     sl = raw.get("sparse_layer") or {}
-    for key in ("0.1%", "1%"):
-        if key in sl:
-            n.append(f"sparse layer at {key}: K={sl[key]['k']}, entry gradients by the {sl[key]['kernel']} kernel, "
-                     f"per round {min(sl[key]['ratio_per_round']):.3f}..{max(sl[key]['ratio_per_round']):.3f}, "
-                     f"median by wall time {sl[key]['ratio']:.3f}, by this process's CPU time "
-                     f"{sl[key]['cpu_time_ratio']:.3f}")
+    for key, case in sl.items():
+        if isinstance(case, dict):
+            where = (f" (entries within {case['col_fraction']:.0%} of the input columns, the backward keeping "
+                     "only those)" if case.get("col_fraction") else "")
+            n.append(f"sparse layer at {key}{where}: K={case['k']}, entry gradients by the {case['kernel']} kernel, "
+                     f"per round {min(case['ratio_per_round']):.3f}..{max(case['ratio_per_round']):.3f}, "
+                     f"median by wall time {case['ratio']:.3f}, by this process's CPU time "
+                     f"{case['cpu_time_ratio']:.3f}")
+    pc = raw.get("path_costs") or {}
+    if pc.get("fit"):
+        n.append(f"CPU entry-gradient kernels on {len(pc['shapes'])} shapes: fitted layout {pc['fit']['layout']:.0f}, "
+                 f"entry {pc['fit']['entry']:.1f} (CPU_COST in spt_core/modules/sparse.py); the model in use picks the "
+                 f"faster on {pc['agreement']:.0%} of the shapes, {pc['loss']:.1%} slower than always the faster")
     mem = raw.get("memory") or {}
     fit = mem.get("fit") or {}
     if fit:
