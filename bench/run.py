@@ -215,7 +215,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                                                                  log=log), "sparse_grad_vs_dense")
     if r is not None:
         out["sparse_grad_vs_dense"] = {k: r[k]["ratio"] for k in SPARSE_KEYS}
-    if s["device"] == "cpu":  # the CPU picks its entry-gradient kernel by a cost model: check its constants
+    if s["device"] == "cpu":  # both entry-gradient kernels over layer shapes: why a CPU keeps the SDDMM
         stage("path_costs", lambda: figures.measure_path_costs(rounds=s["path_rounds"], log=log))
 
     missing_peft = figures.peft_available()

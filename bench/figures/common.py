@@ -206,7 +206,8 @@ def median(xs):
 _NO_KERNEL = {"view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "slice",
               "select", "narrow", "split", "split_with_sizes", "unbind", "unsqueeze", "squeeze", "as_strided",
               "alias", "detach", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
-              "new_empty_strided", "item", "_local_scalar_dense", "is_same_size", "sym_size", "sym_stride"}
+              "new_empty_strided", "item", "_local_scalar_dense", "is_same_size", "sym_size", "sym_stride",
+              "promote_types", "values", "_record_function_enter_new", "_record_function_exit"}
 
 
 def ops_per_call(fn) -> int:

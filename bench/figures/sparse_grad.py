@@ -102,20 +102,16 @@ def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0
     return out
 
 
-# Shapes of the entry-gradient kernels' cost fit: (d_out, kept input columns, entries per product element).
+# Layer shapes on which the two entry-gradient kernels are compared: (d_out, kept input columns, fill).
 PATH_SHAPES = tuple((d_out, n, fill) for d_out in (768, 3072) for n in (8, 48, 192, 768) for fill in (0.002, 0.02, 0.2))
 
 
 def measure_path_costs(*, tokens: int = 1576, shapes=PATH_SHAPES, rounds: int = 3, dtype=torch.bfloat16,
                        log: Callable[[str], None]) -> dict[str, Any]:
-    """Both CPU kernels for the K entry gradients (sampled_grad's "sddmm" and "gemm") on a grid of layer
-    shapes, and the cost model's constants fitted to them: per token, the SDDMM costs layout x (d_out + n_in)
-    + entry x K and the dense product d_out x n_in, in units of one of its multiply-adds (CPU_COST in
-    spt_core/modules/sparse.py). `agreement` is the share of shapes where the model (with the constants in
-    use) picks the kernel that measured faster; `loss` the time the wrong picks cost, as a share of the total."""
-    import numpy as np
-
-    from spt_core.modules.sparse import csr_pattern, fast_path, sampled_grad
+    """Both kernels for the K entry gradients (sampled_grad's "sddmm" and "gemm", forced) on a grid of layer
+    shapes: d_out x n_in products (n_in the input columns a layer keeps) with K = fill x d_out x n_in entries.
+    `gemm_over_sddmm` is each shape's time ratio; FAST_PATH says which kernel a device takes."""
+    from spt_core.modules.sparse import csr_pattern, sampled_grad
 
     g = torch.Generator().manual_seed(0)
     rows_out = []
@@ -128,22 +124,10 @@ def measure_path_costs(*, tokens: int = 1576, shapes=PATH_SHAPES, rounds: int = 
         X = torch.randn(tokens, n, generator=g).to(dtype)
         fns = {p: (lambda p=p: sampled_grad(G, X, r, c, pattern, path=p)) for p in ("sddmm", "gemm")}
         t = {p: median(v) for p, v in interleaved(fns, rounds, "cpu").items()}
-        rows_out.append({"d_out": d_out, "n_in": n, "k": k, "s": t, "picked": fast_path("cpu", d_out, n, k)})
-    per_token = lambda row, p: row["s"][p] / tokens  # noqa: E731
-    mac = median([per_token(x, "gemm") / (x["d_out"] * x["n_in"]) for x in rows_out])
-    a = np.array([[x["d_out"] + x["n_in"], x["k"]] for x in rows_out], dtype=float)
-    b = np.array([per_token(x, "sddmm") / mac for x in rows_out])
-    (layout, entry), *_ = np.linalg.lstsq(a / b[:, None], np.ones(len(b)), rcond=None)  # relative error
-    faster = [min(x["s"], key=x["s"].get) for x in rows_out]
-    lost = sum(x["s"][x["picked"]] - min(x["s"].values()) for x in rows_out)
-    out = {"tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "shapes": rows_out,
-           "fit": {"layout": float(layout), "entry": float(entry), "mac_ns": mac * 1e9},
-           "agreement": sum(x["picked"] == f for x, f in zip(rows_out, faster)) / len(rows_out),
-           "loss": lost / sum(min(x["s"].values()) for x in rows_out)}
-    log(f"  entry-gradient kernels on {len(rows_out)} shapes: fitted layout {layout:.0f}, entry {entry:.1f} "
-        f"(multiply-adds of the dense product); the model in use picks the faster kernel on "
-        f"{out['agreement']:.0%} of them, losing {out['loss']:.1%} of the best time")
-    return out
+        rows_out.append({"d_out": d_out, "n_in": n, "k": k, "s": t, "gemm_over_sddmm": t["gemm"] / t["sddmm"]})
+    log("  gemm / sddmm entry-gradient time by shape: " + ", ".join(
+        f"{x['d_out']}x{x['n_in']} K={x['k']} {x['gemm_over_sddmm']:.2f}" for x in rows_out))
+    return {"tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "shapes": rows_out}
 
 
 # The sparse layer's cases: (key, density, share of input columns holding the entries; None: anywhere).

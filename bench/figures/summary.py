@@ -120,10 +120,13 @@ def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
                      f"median by wall time {case['ratio']:.3f}, by this process's CPU time "
                      f"{case['cpu_time_ratio']:.3f}")
     pc = raw.get("path_costs") or {}
-    if pc.get("fit"):
-        n.append(f"CPU entry-gradient kernels on {len(pc['shapes'])} shapes: fitted layout {pc['fit']['layout']:.0f}, "
-                 f"entry {pc['fit']['entry']:.1f} (CPU_COST in spt_core/modules/sparse.py); the model in use picks the "
-                 f"faster on {pc['agreement']:.0%} of the shapes, {pc['loss']:.1%} slower than always the faster")
+    if pc.get("shapes"):
+        by_width = {}
+        for x in pc["shapes"]:
+            by_width.setdefault("<= 48" if x["n_in"] <= 48 else ">= 192", []).append(x["gemm_over_sddmm"])
+        n.append(f"entry gradients, dense product / SDDMM on a CPU over {len(pc['shapes'])} shapes ({pc['tokens']} "
+                 "tokens; d_out 768 / 3072, fill 0.2-20%), by kept input columns: " + ", ".join(
+                     f"{w}: {min(v):.2f}..{max(v):.2f} (median {median(v):.2f})" for w, v in by_width.items()))
     mem = raw.get("memory") or {}
     fit = mem.get("fit") or {}
     if fit:

@@ -10,15 +10,16 @@ matrix, no full-size state. Only the input columns the entries touch are needed 
 (`used_cols`), the function keeps just x[..., used_cols] for the backward instead of the whole input
 (sensitive entries concentrate in a few input channels, so this is typically a few percent of it).
 
-The K sums come from one of two kernels (`fast_path`). The sampled dense-dense matmul (SDDMM) on the fixed CSR
-pattern does K dot products over the tokens, after laying both operands out token-contiguous (widening bf16 /
-fp16 to fp32 in the same pass: fp32 accumulation). The dense product G^T X[:, used_cols], then a gather of the K
-entries, costs d_out x n_used multiply-adds a token: on CUDA it was the faster at every shape measured (cuBLAS on
-the operands as they are, fp32 accumulation and output; on an H200 at ViT-B/16 shapes and batch 64 it took 36-105
-us a layer at full width against about 275 us for cuSPARSE's sampled matmul plus its two transposing copies,
-bench/gpu/); on a CPU a cost model picks it where the kept columns are few or the entries fill much of the
-product. Its result is one d_out x n_used buffer, freed at once. The per-entry gather is only a fallback (no
-pattern, or a device with neither kernel); `PATH_COUNTS` records which kernel ran.
+The K sums come from one of two kernels (FAST_PATH, by device). The sampled dense-dense matmul (SDDMM) on the
+fixed CSR pattern does K dot products over the tokens, after laying both operands out token-contiguous (widening
+bf16 / fp16 to fp32 in the same pass: fp32 accumulation); a CPU takes it. CUDA takes the dense product G^T X[:,
+used_cols], then a gather of the K entries (cuBLAS on the operands as they are, fp32 accumulation and output): on
+an H200 at ViT-B/16 shapes and batch 64 it took 36-105 us a layer at full width against about 275 us for
+cuSPARSE's sampled matmul plus its two transposing copies (bench/gpu/), and it costs d_out x n_used multiply-adds
+a token, so it shrinks with the kept columns. Its result is one d_out x n_used buffer, freed at once. On a CPU
+the two measured within noise of each other where the kept columns are few (bench/figures/sparse_grad.py, 1576
+tokens, 8-48 columns) and the SDDMM 2-8x faster on wide inputs at up to 2% fill. The per-entry gather is only a
+fallback (no pattern on a CPU, or a device with neither kernel); `PATH_COUNTS` records which kernel ran.
 
 Under bf16 / fp16 autocast the layer runs in the autocast dtype like a plain Linear (merged copy built in that
 dtype and kept for the backward, the input cast once and saved in it); the entry gradients still accumulate
@@ -38,15 +39,9 @@ _GATHER_CHUNK = 1 << 22  # max tokens * entries per chunk in the gather fallback
 # transient copies stay cache-sized whatever the batch (one pass at batch 64 and fc1's shape would lay out 190 MB);
 # bench/run.py's sparse layer figure was the same within noise with and without chunks.
 _SDDMM_CHUNK_BYTES = 1 << 22
-# The fastest measured way to the K entry gradients, by device type (bench/gpu_grad_paths.py on CUDA); "cost":
-# by the CPU cost model below; a device not listed takes the gather fallback.
-FAST_PATH = {"cpu": "cost", "cuda": "gemm"}
-# On a CPU the SDDMM pays for laying both operands out token-contiguous (tokens x (d_out + n_in) elements) and
-# for K dot products over the tokens, the dense product for tokens x d_out x n_in multiply-adds: per token, in
-# units of one multiply-add of the dense product, as fitted on a 2-core EPYC (bench/figures/sparse_grad.py's
-# measure_path_costs). The dense product wins where the kept input columns are few (SPT's allocations put a
-# matrix's entries in 0.1-10% of its input columns) or the entries fill much of the product.
-CPU_COST = {"layout": 74.0, "entry": 20.0}
+# The fastest measured way to the K entry gradients, by device type (bench/figures/sparse_grad.py on CPU,
+# bench/gpu_grad_paths.py on CUDA); a device not listed takes the gather fallback.
+FAST_PATH = {"cpu": "sddmm", "cuda": "gemm"}
 # Which kernel `sampled_grad` ran, by name: the bench and the tests read it to check the fast path is taken.
 PATH_COUNTS: dict[str, int] = {"sddmm": 0, "gemm": 0, "gather": 0}
 
@@ -85,7 +80,7 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, co
                  pattern: torch.Tensor | None, path: str | None = None) -> torch.Tensor:
     """sum over tokens of grad_out[:, rows[j]] * x[:, cols[j]] for every j (2-D inputs: tokens x features).
 
-    `path` (default: `fast_path` for the device and shape) picks the kernel:
+    `path` (default: FAST_PATH for the device) picks the kernel:
     - "sddmm" (needs `pattern`): the kernel reads rows of grad_out^T and of x^T; both are laid out that way
       (contiguous) in one copy that also widens bf16 / fp16 to fp32 (the kernel has no low-precision version,
       and fp32 accumulation is what the dense bf16 GEMM does too), a chunk of tokens at a time, the chunks'
@@ -96,7 +91,7 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, co
     The result is in the accumulation dtype (fp32, or fp64 for fp64 inputs).
     """
     acc = torch.float64 if torch.float64 in (grad_out.dtype, x.dtype) else torch.float32
-    path = path or fast_path(grad_out.device.type, grad_out.shape[1], x.shape[1], rows.numel())
+    path = path or FAST_PATH.get(grad_out.device.type, "gather")
     if path == "gemm":
         PATH_COUNTS["gemm"] += 1
         return _product_acc(grad_out.t(), x, acc)[rows, cols].to(acc)
@@ -114,15 +109,6 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, co
     step = max(1, _GATHER_CHUNK // max(1, g.shape[0]))
     parts = [(g[:, rows[i:i + step]] * x[:, cols[i:i + step]]).sum(0) for i in range(0, rows.numel(), step)]
     return torch.cat(parts) if parts else g.new_zeros(0)
-
-
-def fast_path(device_type: str, d_out: int, n_in: int, k: int) -> str:
-    """The kernel `sampled_grad` takes by default for K entries of a d_out x n_in product on this device."""
-    path = FAST_PATH.get(device_type, "gather")
-    if path != "cost":
-        return path
-    sddmm = CPU_COST["layout"] * (d_out + n_in) + CPU_COST["entry"] * k
-    return "gemm" if d_out * n_in <= sddmm else "sddmm"
 
 
 def _product_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
