@@ -12,14 +12,14 @@ matrix, no full-size state. Only the input columns the entries touch are needed 
 
 The K sums come from one of two kernels (FAST_PATH, by device). The sampled dense-dense matmul (SDDMM) on the
 fixed CSR pattern does K dot products over the tokens, after laying both operands out token-contiguous (widening
-bf16 / fp16 to fp32 in the same pass: fp32 accumulation); a CPU takes it. CUDA takes the dense product G^T X[:,
-used_cols], then a gather of the K entries (cuBLAS on the operands as they are, fp32 accumulation and output): on
-an H200 at ViT-B/16 shapes and batch 64 it took 36-105 us a layer at full width against about 275 us for
-cuSPARSE's sampled matmul plus its two transposing copies (bench/gpu/), and it costs d_out x n_used multiply-adds
-a token, so it shrinks with the kept columns. Its result is one d_out x n_used buffer, freed at once. On a CPU
-the two measured within noise of each other where the kept columns are few (bench/figures/sparse_grad.py, 1576
-tokens, 8-48 columns) and the SDDMM 2-8x faster on wide inputs at up to 2% fill. The per-entry gather is only a
-fallback (no pattern on a CPU, or a device with neither kernel); `PATH_COUNTS` records which kernel ran.
+bf16 / fp16 to fp32 in the same pass: fp32 accumulation). CUDA takes the dense product G^T X[:, used_cols], then
+a gather of the K entries (cuBLAS on the operands as they are, fp32 accumulation and output): on an H200 at
+ViT-B/16 shapes and batch 64 it took 36-105 us a layer at full width against about 275 us for cuSPARSE's sampled
+matmul plus its two transposing copies (bench/gpu/); it costs d_out x n_used multiply-adds a token, so it shrinks
+with the kept columns, and its result is one d_out x n_used buffer, freed at once. A CPU takes the SDDMM: it was
+as fast or faster at every layer shape measured up to 2% fill, narrow kept inputs included (`python bench/run.py
+--quick`: raw.path_costs). The per-entry gather is only a fallback (no pattern on a CPU, or a device with neither
+kernel); `PATH_COUNTS` records which kernel ran.
 
 Under bf16 / fp16 autocast the layer runs in the autocast dtype like a plain Linear (merged copy built in that
 dtype and kept for the backward, the input cast once and saved in it); the entry gradients still accumulate
