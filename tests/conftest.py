@@ -1,5 +1,7 @@
 """Shared fixtures. Environment for Ray and progress bars is set before anything imports them."""
 
+from __future__ import annotations
+
 import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -7,9 +9,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SPT_NO_PROGRESS", "1")
 
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+
+from tests.tiny_tune import FinishedTune, run_tiny_tune  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.searched_sweep import SearchedSweep
 
 torch.set_num_threads(2)
 
@@ -91,3 +101,40 @@ def ray_cluster():
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---- finished sweeps that several test modules read (none of them changes what the sweep wrote) ----------
+@pytest.fixture(scope="session")
+def tiny_tune(ray_cluster, ray_mini_root, ray_backbone, tmp_path_factory) -> FinishedTune:
+    """One uninterrupted `spt-ray tune --json` subprocess of tests/tiny_tune.py's sweep: the fault drills compare
+    their resumed rows with it (and add sweeps of other names to its storage), the progress test reads its
+    stderr line by line."""
+    return run_tiny_tune(tmp_path_factory.mktemp("tiny-tune"), ray_mini_root, ray_backbone, ray_cluster.address)
+
+
+CLI_SWEEP = "cli"
+
+
+@pytest.fixture(scope="session")
+def cli_sweep(ray_cluster, ray_mini_root, ray_backbone, tmp_path_factory) -> Path:
+    """The storage of one tiny sweep through `spt-ray tune` in this process: 2 SPT trials on count, then one final
+    seed of the selected config and of the linear and LoRA baselines. test_cli reads it locally, test_remote_storage
+    through an S3 bucket holding a copy."""
+    from spt_ray.cli import main
+
+    storage = tmp_path_factory.mktemp("cli-sweep")
+    code = main(["tune", "--suite", "mini", "--tasks", "count", "--data-root", ray_mini_root, "--storage",
+                 str(storage), "--name", CLI_SWEEP, "--num-samples", "2", "--epochs", "2", "--final-seeds", "42",
+                 "--baselines", "linear,lora", "--max-concurrent", "2",
+                 *(["--weights", ray_backbone.weights] if ray_backbone.weights else [])])
+    assert code == 0
+    return storage
+
+
+@pytest.fixture(scope="session")
+def searched_sweep(ray_cluster, ray_mini_root, ray_backbone, tmp_path_factory) -> SearchedSweep:
+    """tests/searched_sweep.py's search-only sweep (trackers, a callback object, Optuna journal), run in this
+    process: test_search_studies and test_trackers read it."""
+    from tests.searched_sweep import run_searched_sweep
+
+    return run_searched_sweep(tmp_path_factory.mktemp("searched"), ray_mini_root, ray_backbone)

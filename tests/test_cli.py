@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from spt_ray.cli import main
+from tests.conftest import CLI_SWEEP
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,15 +22,11 @@ def backbone_flags(backbone) -> list[str]:
     return ["--weights", backbone.weights] if backbone.weights else []
 
 
-@pytest.fixture(scope="module")
-def sweep(ray_cluster, ray_mini_root, ray_backbone, tmp_path_factory):
-    """One tiny sweep through `spt-ray tune`: search (2 SPT trials) and a one-seed final phase with 2 baselines."""
-    storage = tmp_path_factory.mktemp("cli-sweep")
-    code = main(["tune", "--suite", "mini", "--tasks", "count", "--data-root", ray_mini_root, "--storage",
-                 str(storage), "--name", "cli", "--num-samples", "2", "--epochs", "2", "--final-seeds", "42",
-                 "--baselines", "linear,lora", "--max-concurrent", "2", *backbone_flags(ray_backbone)])
-    assert code == 0
-    return storage
+@pytest.fixture
+def sweep(cli_sweep) -> Path:
+    """The session's tiny sweep through `spt-ray tune` (conftest.py's cli_sweep): search (2 SPT trials on count)
+    and a one-seed final phase with 2 baselines."""
+    return cli_sweep
 
 
 def test_tune_prints_spt_against_baselines(sweep, capsys):
@@ -52,7 +49,7 @@ def test_results_query_and_pareto(sweep, capsys):
 
 
 def test_reports_agree_with_the_driver_and_flag_unequal_budgets(sweep, capsys):
-    driver = json.loads((sweep / "sweeps" / "cli" / "result.json").read_text())
+    driver = json.loads((sweep / "sweeps" / CLI_SWEEP / "result.json").read_text())
     code, out, _ = run_cli(capsys, "results", "best", "--storage", sweep, "--format", "json")
     assert code == 0 and [r["trial_id"] for r in json.loads(out)] == [driver["best"]["count"]["trial_id"]]
     code, out, _ = run_cli(capsys, "results", "pareto", "--storage", sweep, "--format", "json")

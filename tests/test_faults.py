@@ -5,9 +5,8 @@ writes anything.
 
 Every sweep is `spt-ray tune` in a subprocess (its own session, so a signal to its process group is what
 Ctrl-C in a terminal sends) attached to the test session's Ray cluster, with the smallest settings that
-still run every phase: one task, two searched trials, two epochs, one final seed, a one-batch
-sensitivity pass. Interrupts are triggered by what appears (a store computing, a checkpoint on disk),
-never by sleeps.
+still run every phase (tests/tiny_tune.py); the uninterrupted run is the session's `tiny_tune`. Interrupts
+are triggered by what appears (a store computing, a checkpoint on disk), never by sleeps.
 """
 
 from __future__ import annotations
@@ -19,44 +18,33 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 
 from spt_ray.driver import measure_overhead
 from spt_ray.results import ResultsWriter, RowContext, make_row, read_results
 from spt_ray.resume import FINAL_RECORD, align_final, read_final_record
 from spt_ray.storage import Storage
+from tests.tiny_tune import finish, start_tune
 
-TINY = {"num_samples": 2, "baselines": ["linear"], "final_seeds": [42], "seed": 3, "max_concurrent": 2,
-        "train": {"epochs": 2, "batch_size": 32, "warmup_epochs": 0, "lr": 5e-3, "weight_decay": 1e-4},
-        "sensitivity": {"num_batches": 1, "batch_size": 16}, "scheduler": {"kind": "fifo"}}
 CONFIG_COLUMNS = ("task", "label", "seed", "method", "budget", "alpha", "rank", "lr", "weight_decay", "bits")
 RESUME_LINE = "rerun the same command with --resume"
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
-def _tune(tmp: Path, storage: Path, name: str, data_root: str, backbone, address: str | None, tag: str,
-          *extra: str) -> subprocess.Popen:
-    """`spt-ray tune` in its own session (a process group Ctrl-C reaches as a whole), output to <tag>.log."""
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    argv = [sys.executable, "-m", "spt_ray.cli", "tune", "--suite", "mini", "--tasks", "shapes", "--data-root",
-            data_root, "--storage", str(storage), "--name", name, "--config", str(config), *extra]
-    argv += ["--address", address] if address else []
-    argv += ["--weights", backbone.weights] if backbone.weights else []
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "SPT_NO_PROGRESS": "1"}
-    log = open(tmp / f"{tag}.log", "w")
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            cwd=str(Path(__file__).resolve().parents[1]))
-
-
 def _log(tmp: Path, tag: str) -> str:
     return (tmp / f"{tag}.log").read_text()
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    """`spt-ray` in this process: exit code and stderr."""
+    from spt_ray.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
 
 
 def _wait(proc: subprocess.Popen, predicate, what: str, tmp: Path, tag: str, timeout: float = 240) -> None:
@@ -67,18 +55,10 @@ def _wait(proc: subprocess.Popen, predicate, what: str, tmp: Path, tag: str, tim
         time.sleep(0.1)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 300) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _interrupt(proc: subprocess.Popen, tmp: Path, tag: str, stage: str) -> None:
     """Ctrl-C: SIGINT to the process group; exit 130 and exactly one line naming --resume and the stage."""
     os.killpg(proc.pid, signal.SIGINT)
-    code = _finish(proc)
+    code = finish(proc)
     out = _log(tmp, tag)
     assert code == 130, out[-3000:]
     resume_lines = [line for line in out.splitlines() if "--resume" in line]
@@ -138,13 +118,11 @@ def _store_computing(storage: Path):
 
 # ---- the sweeps -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def reference(ray_cluster, ray_mini_root, ray_backbone, tmp_path_factory):
+def reference(tiny_tune):
     """One uninterrupted sweep: the rows every interrupted-and-resumed sweep must reproduce."""
-    tmp = tmp_path_factory.mktemp("faults-ref")
-    proc = _tune(tmp, tmp / "storage", "ref", ray_mini_root, ray_backbone, ray_cluster.address, "ref")
-    assert _finish(proc) == 0, _log(tmp, "ref")[-3000:]
-    rows = _check_complete(tmp / "storage", "ref")
-    return {"storage": tmp / "storage", "search": _configs(rows, "trial"), "final": _configs(rows, "final")}
+    assert tiny_tune.returncode == 0, tiny_tune.stderr[-3000:]
+    rows = _check_complete(tiny_tune.storage, tiny_tune.name)
+    return {"storage": tiny_tune.storage, "search": _configs(rows, "trial"), "final": _configs(rows, "final")}
 
 
 @pytest.mark.slow
@@ -153,7 +131,7 @@ def test_ctrl_c_in_every_phase_then_resume_gives_the_uninterrupted_rows(referenc
     storage, name, address = tmp_path / "storage", "cc", ray_cluster.address
 
     def run(tag: str, *extra: str) -> subprocess.Popen:
-        return _tune(tmp_path, storage, name, ray_mini_root, ray_backbone, address, tag, *extra)
+        return start_tune(tmp_path, storage, name, ray_mini_root, ray_backbone, address, tag, *extra)
 
     proc = run("sensitivity")  # (a) while the store computes the map (a fresh storage: nothing cached)
     _wait(proc, _store_computing(storage), "the sensitivity computation", tmp_path, "sensitivity")
@@ -171,7 +149,7 @@ def test_ctrl_c_in_every_phase_then_resume_gives_the_uninterrupted_rows(referenc
     _interrupt(proc, tmp_path, "final", "the final phase")
 
     proc = run("done", "--resume")
-    assert _finish(proc) == 0, _log(tmp_path, "done")[-3000:]
+    assert finish(proc) == 0, _log(tmp_path, "done")[-3000:]
     rows = _check_complete(storage, name)
     assert _configs(rows, "trial") == reference["search"]
     assert _configs(rows, "final") == reference["final"]
@@ -184,38 +162,40 @@ def test_sigkill_in_the_search_then_resume_gives_the_uninterrupted_rows(referenc
     storage, name = reference["storage"], "killed"  # the reference's storage: its map is reused
 
     def run(tag: str, *extra: str) -> subprocess.Popen:
-        return _tune(tmp_path, storage, name, ray_mini_root, ray_backbone, ray_cluster.address, tag, *extra)
+        return start_tune(tmp_path, storage, name, ray_mini_root, ray_backbone, ray_cluster.address, tag, *extra)
 
     proc = run("first")
     _wait(proc, _checkpoint(storage, name, "search"), "a search checkpoint", tmp_path, "first")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     proc = run("second", "--resume")
-    assert _finish(proc) == 0, _log(tmp_path, "second")[-3000:]
+    assert finish(proc) == 0, _log(tmp_path, "second")[-3000:]
     rows = _check_complete(storage, name)
     assert _configs(rows, "trial") == reference["search"]
     assert _configs(rows, "final") == reference["final"]
 
 
 @pytest.mark.slow
-def test_error_inside_ray_reaches_the_user_as_the_projects_line(ray_cluster, ray_mini_root, ray_backbone, tmp_path):
+def test_error_inside_ray_reaches_the_user_as_the_projects_line(ray_cluster, ray_mini_root, ray_backbone, tmp_path,
+                                                                capsys):
     """A truncated image is found only when the sensitivity task (a Ray task awaited by the store actor)
-    decodes it: `spt-ray tune` prints the line `spt-ray sensitivity` prints, and no sweep is left behind."""
+    decodes it: `spt-ray tune` prints the line `spt-ray sensitivity` (run here, without Ray) prints, and no
+    sweep is left behind."""
     data = tmp_path / "data"
     shutil.copytree(Path(ray_mini_root) / "shapes", data / "shapes")
     first = (data / "shapes" / "train800.txt").read_text().split()[0]
     image = data / "shapes" / first
     image.write_bytes(image.read_bytes()[:40])
     storage = tmp_path / "storage"
-    proc = _tune(tmp_path, storage, "bad", str(data), ray_backbone, ray_cluster.address, "tune")
-    assert _finish(proc) == 2
+    proc = start_tune(tmp_path, storage, "bad", str(data), ray_backbone, ray_cluster.address, "tune")
+    assert finish(proc) == 2
     tune_lines = _log(tmp_path, "tune").strip().splitlines()
-    sens = subprocess.run([sys.executable, "-m", "spt_ray.cli", "sensitivity", "--task", "shapes", "--data-root",
-                           str(data), "--num-batches", "1", "--batch-size", "16", "--out", str(tmp_path / "maps"),
-                           *(["--weights", ray_backbone.weights] if ray_backbone.weights else [])],
-                          capture_output=True, text=True, env={**os.environ, "SPT_NO_PROGRESS": "1"})
-    assert sens.returncode == 2 and len(sens.stderr.strip().splitlines()) == 1, sens.stderr
-    expected = sens.stderr.strip().split("spt-ray sensitivity: error: ", 1)[1]
+    capsys.readouterr()  # only what the sensitivity command prints counts below
+    code, err = _cli(capsys, "sensitivity", "--task", "shapes", "--data-root", data, "--num-batches", "1",
+                     "--batch-size", "16", "--out", tmp_path / "maps",
+                     *(["--weights", ray_backbone.weights] if ray_backbone.weights else []))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    expected = err.strip().split("spt-ray sensitivity: error: ", 1)[1]
     assert str(image) in expected and tune_lines[-1] == f"spt-ray tune: error: {expected}"
     assert not any("ray::" in line or "Traceback" in line for line in tune_lines)
     assert not (storage / "sweeps" / "bad").exists()  # fixed data reruns with the same command
@@ -234,14 +214,6 @@ def test_resources_no_node_has_are_refused(ray_cluster, ray_mini_root):
 
 
 # ---- fast: no Ray ------------------------------------------------------------------------------------
-def _cli(capsys, *argv: str) -> tuple[int, str]:
-    """`spt-ray` in this process (these fail before Ray starts): exit code and stderr."""
-    from spt_ray.cli import main
-
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
 def test_a_recorded_cluster_that_no_longer_answers_is_not_attached_to(tmp_path, monkeypatch):
     """A killed `ray start` leaves its address in Ray's temp dir; ray.init() would retry it for minutes."""
     import socket

@@ -47,7 +47,7 @@ def _kill_processes_of(marker: str) -> None:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(list(procs), timeout=10)
+    _, alive = psutil.wait_procs(list(procs), timeout=2)  # the raylet and GCS outlast any wait: killed anyway
     for p in alive:
         try:
             p.kill()

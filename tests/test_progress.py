@@ -9,21 +9,16 @@ import logging
 import os
 import pickle
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from spt_core.progress import progress_bar, progress_sink
 from spt_ray.progress import (QUIET_LOGGERS, SweepProgress, clock, eta, planned_trials, sweep_output, table_lines,
                               task_counts)
 from spt_ray.search import FixedSearcher
 
-ROOT = Path(__file__).resolve().parents[1]
 # Ray prefixes a worker's forwarded lines with "(<actor> pid=<n>)"
 NOISE = ("Checkpoint successfully created", "Trial status", "pid=", "Configuration for experiment",
          "View detailed results", "Started a local Ray instance", "A new study created", "Wrote the latest version")
@@ -181,25 +176,17 @@ def test_a_pass_reports_its_batches_to_the_store(ray_cluster, tmp_path, capsys):
 
 
 # ---- end to end: `spt-ray tune` in a subprocess, stderr read line by line -----------------------------
-TINY = {"num_samples": 2, "baselines": ["linear"], "final_seeds": [42], "seed": 3, "max_concurrent": 2,
-        "train": {"epochs": 2, "batch_size": 32, "warmup_epochs": 0, "lr": 5e-3, "weight_decay": 1e-4},
-        "sensitivity": {"num_batches": 1, "batch_size": 16}, "scheduler": {"kind": "fifo"}}
 LINE = re.compile(r"^\[(search|final) [\d:]+\] (\w+) (\d+)/(\d+) done, (\d+) running, best (\w+) (\S+) \| "
                   r"all (\d+)/(\d+), ETA \S+ \| (started|finished|error in) (\S+)")
 
 
 @pytest.mark.slow
-def test_tune_shows_progress_lines_and_no_ray_noise(ray_cluster, ray_mini_root, ray_backbone, tmp_path):
+def test_tune_shows_progress_lines_and_no_ray_noise(tiny_tune):
+    """The session's `spt-ray tune --json` of tests/tiny_tune.py's sweep (shapes, 2 searched trials, then the
+    selected config and the linear baseline with one seed), its stderr against its Parquet rows."""
     from spt_ray.results import read_results
 
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    storage = tmp_path / "store"
-    argv = [sys.executable, "-m", "spt_ray.cli", "tune", "--suite", "mini", "--tasks", "shapes", "--data-root",
-            ray_mini_root, "--storage", str(storage), "--name", "prog", "--config", str(config), "--json",
-            "--address", ray_cluster.address, *(["--weights", ray_backbone.weights] if ray_backbone.weights else [])]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+    proc = tiny_tune
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # stdout holds the answer only: progress goes to stderr
     for noise in NOISE:
@@ -207,7 +194,7 @@ def test_tune_shows_progress_lines_and_no_ray_noise(ray_cluster, ray_mini_root, 
     lines = proc.stderr.splitlines()
     assert any(re.match(r"\[sensitivity [\d:]+\] shapes: map (computed|loaded).* \| 1/1 tasks$", s) for s in lines)
     events = [m.groups() for m in map(LINE.match, lines) if m]
-    table = read_results(str(storage), "prog").to_pylist()
+    table = read_results(str(proc.storage), proc.name).to_pylist()
     total = 4  # 2 searched trials, then the selected config and the linear baseline with one seed
     assert int(events[-1][7]) == int(events[-1][8]) == total and events[-1][9] == "finished"
     for phase, planned, metric in (("search", 2, "val_acc"), ("final", 2, "test_acc")):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from spt_ray.cli import main
+from tests.conftest import CLI_SWEEP
 
 pytestmark = pytest.mark.slow
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
@@ -41,14 +42,10 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="module")
-def local_sweep(ray_cluster, ray_mini_root, ray_backbone, tmp_path_factory) -> Path:
-    """One tiny real sweep: 2 SPT trials, one final seed of the selected config and of a linear probe."""
-    storage = tmp_path_factory.mktemp("remote-src")
-    weights = ["--weights", ray_backbone.weights] if ray_backbone.weights else []
-    assert main(["tune", "--suite", "mini", "--tasks", "count", "--data-root", ray_mini_root, "--storage",
-                 str(storage), "--name", "s3", "--num-samples", "2", "--epochs", "1", "--final-seeds", "42",
-                 "--baselines", "linear", "--max-concurrent", "2", *weights]) == 0
-    return storage
+def local_sweep(cli_sweep) -> Path:
+    """The session's tiny real sweep (conftest.py's cli_sweep): 2 SPT trials on count, one final seed of the
+    selected config and of the linear and LoRA baselines."""
+    return cli_sweep
 
 
 def _s3(endpoint: str):
@@ -91,10 +88,11 @@ def test_plot_from_the_bucket(bucket, capsys, tmp_path):
     from spt_ray.storage import Storage
 
     storage = Storage.of(bucket)
-    table = read_results(storage, "s3")
-    bars, what = method_bars(table, selection_of(storage, "s3", table))
+    table = read_results(storage, CLI_SWEEP)
+    bars, what = method_bars(table, selection_of(storage, CLI_SWEEP, table))
     final = {r["label"]: r for r in table.to_pylist() if r["row_kind"] == "final"}
-    assert "test" in what and set(bars["count"]) == {"SPT (selected)", "linear"}
+    slots = {name.split(" (x")[0] for name in bars["count"]}  # "lora (x1.12 budget)" where budgets differ
+    assert "test" in what and slots == {"SPT (selected)", "linear", "lora"} and len(bars["count"]) == 3
     assert bars["count"]["SPT (selected)"].values == (final["best"]["test_acc"],)
     assert bars["count"]["linear"].params == 0 and bars["count"]["SPT (selected)"].params > 0
 

@@ -12,6 +12,7 @@ import pytest
 from spt_ray.search import PerTaskSearcher
 from spt_ray.space import SearchSpace
 from spt_ray.studies import study_store
+from tests.searched_sweep import TASKS, TRIALS_PER_TASK
 
 VIT_B16 = 85_798_656
 
@@ -157,20 +158,17 @@ def test_searched_bits_are_sampled_and_baselines_stay_float():
 
 # ---- a real sweep -------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_real_sweeps_studies_equal_its_parquet_rows(ray_cluster, ray_mini_root, ray_backbone, tmp_path):
-    from spt_ray import SweepSpec, read_results, run_sweep
+def test_a_real_sweeps_studies_equal_its_parquet_rows(searched_sweep):
+    """The session's search-only sweep (tests/searched_sweep.py): each task's study in its default journal."""
+    from spt_ray import read_results
 
-    spec = SweepSpec.from_dict(dict(
-        name="studies", data_root=ray_mini_root, storage=str(tmp_path), tasks=["shapes", "count"],
-        backbone=ray_backbone.to_dict(), num_samples=3, max_concurrent=2, run_final=False, seed=1,
-        train={"epochs": 1, "batch_size": 32, "warmup_epochs": 0}, sensitivity={"num_batches": 2}))
-    run_sweep(spec)
-    rows = {r["trial_id"]: r for r in read_results(tmp_path, "studies").to_pylist() if r["row_kind"] == "trial"}
-    journal = tmp_path / "optuna" / "studies.journal"
+    root, name = searched_sweep.storage, searched_sweep.name
+    rows = {r["trial_id"]: r for r in read_results(root, name).to_pylist() if r["row_kind"] == "trial"}
+    journal = root / "optuna" / f"{name}.journal"
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    for task in ("shapes", "count"):
-        study = optuna.load_study(study_name=f"studies/{task}", storage=storage)
-        assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    for task in TASKS:
+        study = optuna.load_study(study_name=f"{name}/{task}", storage=storage)
+        assert len(study.trials) == TRIALS_PER_TASK and all(t.state.name == "COMPLETE" for t in study.trials)
         for t in study.trials:
             row = rows[t.user_attrs["tune_trial_id"]]
             assert (row["task"], row["status"]) == (task, "completed")

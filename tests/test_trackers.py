@@ -6,7 +6,6 @@ with the reason, where they are not installed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 import tomllib
@@ -14,25 +13,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray.tune import Callback
 
 from spt_ray.cli import main
 from spt_ray.launch import add_tune_args, spec_from_args
 from spt_ray.spec import SweepSpec
 from spt_ray.trackers import TRACKERS, parse_callbacks
+from tests.searched_sweep import INSTALLED, NAME, TASKS, TRIALS_PER_TASK, Recorder
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTALLED = {name: importlib.util.find_spec(t.package) is not None for name, t in TRACKERS.items()}
-
-
-class Recorder(Callback):
-    """A user's own Tune callback, passed through the Python API."""
-
-    def __init__(self):
-        self.completed: list[str] = []
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.completed.append(trial.trial_id)
 
 
 def test_names_are_checked_and_deduplicated():
@@ -107,29 +95,17 @@ def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def tracked(ray_cluster, ray_mini_root, ray_backbone, tmp_path_factory):
-    import os
-
-    from spt_ray.driver import run_sweep
+def tracked(searched_sweep):
+    """The session's search-only sweep (tests/searched_sweep.py) with every installed tracker and a Recorder:
+    its storage, each trial's val_acc by iteration from the Parquet rows, and the Recorder."""
     from spt_ray.results import read_results
 
-    storage = tmp_path_factory.mktemp("tracked")
-    os.environ["WANDB_MODE"] = "offline"  # no account, no network; `wandb sync` would upload later
-    names = [n for n in ("tensorboard", "mlflow", "wandb") if INSTALLED[n]]
-    recorder = Recorder()
-    spec = SweepSpec.from_dict({
-        "name": "trk", "suite": "mini", "tasks": ["shapes"], "data_root": ray_mini_root, "storage": str(storage),
-        "backbone": ray_backbone, "num_samples": 2, "seed": 3, "max_concurrent": 1, "run_final": False,
-        "train": {"epochs": 2, "batch_size": 32, "warmup_epochs": 0, "lr": 5e-3, "weight_decay": 1e-4},
-        "sensitivity": {"num_batches": 1, "batch_size": 16}, "scheduler": {"kind": "fifo"},
-        "callbacks": [*names, recorder]})
-    run_sweep(spec)
-    rows = [r for r in read_results(str(storage), "trk").to_pylist() if r["row_kind"] == "report"]
+    rows = [r for r in read_results(str(searched_sweep.storage), NAME).to_pylist() if r["row_kind"] == "report"]
     per_trial: dict[str, dict[int, float]] = {}
     for r in rows:
         per_trial.setdefault(r["trial_id"], {})[r["iteration"]] = r["val_acc"]
-    assert len(per_trial) == 2
-    return storage, per_trial, recorder
+    assert len(per_trial) == len(TASKS) * TRIALS_PER_TASK
+    return searched_sweep.storage, per_trial, searched_sweep.recorder
 
 
 @pytest.mark.slow
@@ -154,11 +130,11 @@ def test_mlflow_local_store_holds_the_parquet_numbers(tracked):
 
     storage, per_trial, _ = tracked
     client = MlflowClient(tracking_uri=f"sqlite:///{storage}/mlflow.db")  # the default for a local storage
-    experiment = client.get_experiment_by_name("trk")
+    experiment = client.get_experiment_by_name(NAME)
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == len(per_trial)
     for run in runs:
-        assert run.data.tags["sweep"] == "trk" and run.data.params["phase"] == "search"
+        assert run.data.tags["sweep"] == NAME and run.data.params["phase"] == "search"
         trial_id = run.data.tags["trial_name"].rsplit("-", 1)[-1]
         history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
         assert history == pytest.approx(per_trial[trial_id], abs=1e-9)
