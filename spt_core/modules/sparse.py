@@ -17,9 +17,9 @@ a gather of the K entries (cuBLAS on the operands as they are, fp32 accumulation
 ViT-B/16 shapes and batch 64 it took 36-105 us a layer at full width against about 275 us for cuSPARSE's sampled
 matmul plus its two transposing copies (bench/gpu/); it costs d_out x n_used multiply-adds a token, so it shrinks
 with the kept columns, and its result is one d_out x n_used buffer, freed at once. A CPU takes the SDDMM: it was
-as fast or faster at every layer shape measured up to 2% fill, narrow kept inputs included (`python bench/run.py
---quick`: raw.path_costs). The per-entry gather is only a fallback (no pattern on a CPU, or a device with neither
-kernel); `PATH_COUNTS` records which kernel ran.
+faster on wide inputs at low fill, and where the kept columns are few the two swapped places from run to run
+(`python bench/run.py --quick` times both: raw.path_costs). The per-entry gather is only a fallback (no pattern
+on a CPU, or a device with neither kernel); `PATH_COUNTS` records which kernel ran.
 
 Under bf16 / fp16 autocast the layer runs in the autocast dtype like a plain Linear (merged copy built in that
 dtype and kept for the backward, the input cast once and saved in it); the entry gradients still accumulate
