@@ -1,7 +1,7 @@
 """The measurements behind `bench/run.py`, one module per figure; each returns plain JSON-able dicts.
 
 common (backbone, plans, a timed step), steps (step time, sensitivity pass), memory (peak memory, one fresh
-subprocess per configuration), sparse_grad (sparse delta vs dense gradient, the CPU kernels' cost model),
+subprocess per configuration), sparse_grad (sparse delta vs dense gradient, both entry-gradient kernels by shape),
 lora_peft (LoRA vs HF PEFT), ranking (object-store bytes per trial), sweep (sweep overhead, Ray), query (DuckDB
 over 1M rows).
 """

@@ -37,6 +37,11 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device,
     return samples
 
 
+def random_positions(size: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """k distinct flat positions out of `size`, uniformly at random, sorted (row-major, as the CSR pattern needs)."""
+    return torch.sort(torch.randperm(size, generator=g)[:k]).values
+
+
 def random_entries(d: int, density: float, g: torch.Generator, device, col_fraction: float | None = None):
     """K = density x d^2 distinct positions of a d x d matrix, uniformly at random (no row or column
     concentration: the worst case for the entry gradients' operands), or, with `col_fraction`, uniformly within
@@ -47,7 +52,7 @@ def random_entries(d: int, density: float, g: torch.Generator, device, col_fract
 
     k = max(1, round(density * d * d))
     if col_fraction is None:
-        flat = torch.sort(torch.randperm(d * d, generator=g)[:k]).values
+        flat = random_positions(d * d, k, g)
     else:
         used = torch.sort(torch.randperm(d, generator=g)[:max(1, round(col_fraction * d))]).values
         picks = torch.randperm(d * used.numel(), generator=g)[:k]
@@ -103,7 +108,8 @@ def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0
 
 
 # Layer shapes on which the two entry-gradient kernels are compared: (d_out, kept input columns, fill).
-PATH_SHAPES = tuple((d_out, n, fill) for d_out in (768, 3072) for n in (8, 48, 192, 768) for fill in (0.002, 0.02, 0.2))
+PATH_SHAPES = tuple((d_out, n, fill) for d_out in (768, 3072) for n in (8, 48, 192, 768)
+                    for fill in (0.002, 0.02, 0.2))
 
 
 def measure_path_costs(*, tokens: int = 1576, shapes=PATH_SHAPES, rounds: int = 3, dtype=torch.bfloat16,
@@ -117,7 +123,7 @@ def measure_path_costs(*, tokens: int = 1576, shapes=PATH_SHAPES, rounds: int = 
     rows_out = []
     for d_out, n, fill in shapes:
         k = max(1, round(fill * d_out * n))
-        flat = torch.sort(torch.randperm(d_out * n, generator=g)[:k]).values
+        flat = random_positions(d_out * n, k, g)
         r, c = flat // n, flat % n
         pattern = csr_pattern(r, c, (d_out, n))
         G = torch.randn(tokens, d_out, generator=g).to(dtype)
