@@ -92,6 +92,23 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
     setter(True)
 
 
+class _Totals:
+    """Summed loss and correct predictions over an epoch, kept on the device: reading them per step
+    (`.item()`) would make the host wait for the GPU every step, so they are read once, at the end. The loss
+    sum is fp64, so the result equals summing the per-step losses as Python floats."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss_sum.detach().double()
+        self.correct += (logits.argmax(-1) == labels).sum()
+
+    def values(self) -> tuple[float, int]:
+        return self.loss.item(), int(self.correct.item())
+
+
 class Trainer:
     """Trains every parameter of `model` that requires grad; per-epoch callbacks and checkpoints."""
 
@@ -119,7 +136,7 @@ class Trainer:
             generator.manual_seed(self.cfg.seed * 1000 + self.epoch)
         self.model.train()
         steps = len(loader) if hasattr(loader, "__len__") else None
-        total_loss = correct = seen = 0.0
+        totals, seen = _Totals(self.device), 0
         start = time.perf_counter()
         with progress_bar(total=steps, desc=f"epoch {self.epoch + 1}", unit="step", enabled=self.progress) as bar:
             for i, (images, labels) in enumerate(loader):
@@ -136,30 +153,30 @@ class Trainer:
                     nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                              self.cfg.grad_clip)
                 self.optimizer.step()
-                total_loss += loss.item() * labels.shape[0]
-                correct += (logits.argmax(-1) == labels).sum().item()
+                totals.add(loss.detach().double() * labels.shape[0], logits, labels)
                 seen += labels.shape[0]
                 bar.update(1)
         self.epoch += 1
-        return {"train_loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
+        loss_sum, correct = totals.values()
+        return {"train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
                 "lr": lr_at(self.cfg, self.epoch), "train_s": time.perf_counter() - start}
 
     @torch.no_grad()
     def evaluate(self, loader: Batches) -> dict[str, float]:
         """Mean cross-entropy and top-1 accuracy."""
         self.model.eval()
-        total_loss = correct = seen = 0.0
+        totals, seen = _Totals(self.device), 0
         start = time.perf_counter()
         for images, labels in loader:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(images).float()
-            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
+            totals.add(F.cross_entropy(logits, labels, reduction="sum"), logits, labels)
             seen += labels.shape[0]
         if seen == 0:
             raise ValueError("evaluation got no batches; pass a non-empty loader")
-        return {"loss": total_loss / seen, "acc": correct / seen, "eval_s": time.perf_counter() - start}
+        loss_sum, correct = totals.values()
+        return {"loss": loss_sum / seen, "acc": correct / seen, "eval_s": time.perf_counter() - start}
 
     def fit(self, train: Batches, val: Batches | None = None, *,
             on_epoch: Callable[[dict[str, float]], bool | None] | None = None) -> list[dict[str, float]]:

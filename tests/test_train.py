@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from spt_core import TrainConfig, Trainer, allocate, apply_plan, uniform_lora
 from spt_core.train import lr_at, param_groups
@@ -39,6 +40,42 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     a, b = params_of(full), params_of(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert resumed.history[-1]["val_acc"] == full.history[-1]["val_acc"]
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (`.item()`, `int(t)`): each is a device sync on a GPU.
+    Reads inside `optimizer.step` are not counted: AdamW's step counters live on the host on a GPU too."""
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.count, self.paused = 0, False
+        optimizer.register_step_pre_hook(lambda *_: setattr(self, "paused", True))
+        optimizer.register_step_post_hook(lambda *_: setattr(self, "paused", False))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default and not self.paused
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batches", [2, 6])
+def test_epoch_metrics_read_the_device_once(batches):
+    """Loss and accuracy are summed on the device and read once per epoch (not once per step, which would
+    stall a GPU every step), and still equal the per-batch sums a Python loop would form."""
+    trainer = Trainer(apply_plan(tiny_vit(seed=3), allocate(SMAP, 3000)),
+                      TrainConfig(epochs=1, warmup_epochs=0, device="cpu"), progress=False)
+    data = random_batches(batches)
+    with _ScalarReads(trainer.optimizer) as reads:
+        ev = trainer.evaluate(data)
+    assert reads.count == 2
+    with torch.no_grad():
+        logits = [trainer.model(x).float() for x, _ in data]
+        loss = sum(torch.nn.functional.cross_entropy(z, y, reduction="sum").item() for z, (_, y) in zip(logits, data))
+    correct = sum((z.argmax(-1) == y).sum().item() for z, (_, y) in zip(logits, data))
+    seen = sum(len(y) for _, y in data)
+    assert ev["loss"] == pytest.approx(loss / seen, rel=1e-6) and ev["acc"] == correct / seen
+    with _ScalarReads(trainer.optimizer) as reads:
+        trainer.train_epoch(data)
+    assert reads.count == 2
 
 
 def test_schedule_warmup_then_cosine():
