@@ -56,8 +56,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                  step_configs=("lora", "spt"), peft=dict(peft, batch=2, rounds=2, img_size=32,
                                                           model_kwargs=dict(patch_size=8, depth=2)))
     elif args.quick:
-        s = dict(mode="quick", batch=2, rounds=8, warmup=1, sens_batches=1, sens_rounds=2, mem_steps=2,
-                 mem_batches=(64,), sparse_rounds=11, result_rows=1_000_000, sweep=False, query=False,
+        # Sensitivity over 3 batches a call: its once-per-map setup (zeroed fp32 accumulators, the model's size)
+        # spreads as over a real map's ~25 batches, if less; with 1 batch it set the ratio's round-to-round swing.
+        s = dict(mode="quick", batch=2, rounds=8, warmup=1, sens_batches=3, sens_rounds=3, mem_steps=2,
+                 mem_batches=(64,), sparse_rounds=31, result_rows=1_000_000, sweep=False, query=False,
                  calibrate=False, step_configs=("lora", "spt"), peft=dict(peft, rounds=5))
     else:
         s = dict(mode="gpu" if args.gpu else "full", batch=64, rounds=10, warmup=3, sens_batches=4, sens_rounds=4,
