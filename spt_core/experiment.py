@@ -195,7 +195,15 @@ def prepare_run(task: TaskRef, backbone: BackboneRef, plan: TuningPlan, cfg: Tra
     model, _ = load_backbone(backbone, task, seed=seed)
     apply_plan(model, plan)
     train_split, eval_split = task.splits(phase)
-    train = make_loader(task, train_split, batch_size=cfg.batch_size, train=True, seed=seed, num_workers=num_workers)
-    evaluate = make_loader(task, eval_split, batch_size=eval_batch_size(cfg), train=False, seed=seed,
-                           num_workers=num_workers)
+    train, evaluate = run_loaders(task.dataset(train_split, train=True), task.dataset(eval_split, train=False), cfg,
+                                  seed=seed, num_workers=num_workers)
     return Trainer(model, cfg, progress=progress), train, evaluate
+
+
+def run_loaders(train_set: Dataset, eval_set: Dataset, cfg: TrainConfig, *, seed: int,
+                num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+    """A run's (train, eval) loaders: seeded, batch sizes from `cfg`, and batches in pinned memory where the run
+    trains on a GPU, so the Trainer's non-blocking copies to the device overlap the step before."""
+    common = dict(seed=seed, num_workers=num_workers, pin_memory=resolve_device(cfg.device).type == "cuda")
+    return (_make_loader(train_set, batch_size=cfg.batch_size, train=True, **common),
+            _make_loader(eval_set, batch_size=eval_batch_size(cfg), train=False, **common))

@@ -29,9 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from spt_core.backbones import RANDOM, default_weights
-from spt_core.data.common import make_loader
 from spt_core.data.fingerprint import split_fingerprint
-from spt_core.experiment import BackboneRef, TaskRef, eval_batch_size, load_backbone
+from spt_core.experiment import BackboneRef, TaskRef, load_backbone, run_loaders
 from spt_core.plan import TuningPlan
 from spt_core.surgery import apply_plan
 from spt_core.train import Trainer, TrainConfig
@@ -99,8 +98,6 @@ def prepare_cached(task: TaskRef, backbone: BackboneRef, plan: TuningPlan, cfg: 
     model = backbone_for(backbone, task, seed)
     apply_plan(model, plan)
     train_split, eval_split = task.splits(phase)
-    train = make_loader(dataset_for(task, train_split, train=True), batch_size=cfg.batch_size, train=True,
-                        seed=seed, num_workers=num_workers)
-    evaluate = make_loader(dataset_for(task, eval_split, train=False), batch_size=eval_batch_size(cfg),
-                           train=False, seed=seed, num_workers=num_workers)
+    train, evaluate = run_loaders(dataset_for(task, train_split, train=True), dataset_for(task, eval_split, train=False),
+                                  cfg, seed=seed, num_workers=num_workers)
     return Trainer(model, cfg), train, evaluate

@@ -100,3 +100,18 @@ def test_bad_config_raises():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError):
         TrainConfig(lr=0)
+
+
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
+def test_run_loaders_pin_batches_only_for_a_gpu_run(device, pinned):
+    """Pinned batches let the Trainer's non-blocking copies overlap the GPU's work; on a CPU they only cost."""
+    from torch.utils.data import TensorDataset
+
+    from spt_core.experiment import run_loaders
+
+    data = TensorDataset(torch.randn(10, 3), torch.arange(10))
+    train, evaluate = run_loaders(data, data, TrainConfig(batch_size=4, device=device), seed=0)
+    assert train.pin_memory is pinned and evaluate.pin_memory is pinned
+    assert (train.batch_size, evaluate.batch_size) == (4, 8)
+    if not pinned:  # pinning needs a GPU to iterate
+        assert [int(y) for _, ys in evaluate for y in ys] == list(range(10))  # eval keeps file order
