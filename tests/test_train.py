@@ -115,3 +115,41 @@ def test_run_loaders_pin_batches_only_for_a_gpu_run(device, pinned):
     assert (train.batch_size, evaluate.batch_size) == (4, 8)
     if not pinned:  # pinning needs a GPU to iterate
         assert [int(y) for _, ys in evaluate for y in ys] == list(range(10))  # eval keeps file order
+
+
+def test_make_optimizer_is_fused_adamw_with_the_reference_update():
+    """The fused AdamW takes the same step as torch's per-tensor AdamW over the same param groups (weight decay
+    on matrices only); where torch has no fused kernel it falls back to the default implementation."""
+    from spt_core.train import make_optimizer
+
+    models = [apply_plan(tiny_vit(seed=3), allocate(SMAP, 3000)) for _ in range(2)]
+    fused = make_optimizer(models[0], 1e-2, 0.05)
+    reference = torch.optim.AdamW(param_groups(models[1], 0.05), lr=1e-2, foreach=False)
+    assert fused.defaults["fused"] and [g["weight_decay"] for g in fused.param_groups] == [0.05, 0.0]
+    a, b = (dict(m.named_parameters()) for m in models)
+    trained = [n for n, p in a.items() if p.requires_grad]
+    before = {n: a[n].detach().clone() for n in trained}
+    for x, y in random_batches(3):  # the same gradients into both optimizers: moments and bias correction too
+        fused.zero_grad()
+        torch.nn.functional.cross_entropy(models[0](x), y).backward()
+        for n in trained:
+            b[n].grad = a[n].grad.clone()
+        fused.step()
+        reference.step()
+    assert trained and all(torch.allclose(a[n], b[n], rtol=1e-6, atol=1e-8) for n in trained)
+    assert all(not torch.equal(a[n], before[n]) for n in trained)
+
+
+def test_make_optimizer_falls_back_where_torch_has_no_fused_kernel(monkeypatch):
+    from spt_core.train import make_optimizer
+
+    adamw = torch.optim.AdamW
+
+    def no_fused(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    opt = make_optimizer(tiny_vit(), 1e-3, 1e-4)
+    assert isinstance(opt, adamw) and not opt.defaults["fused"]

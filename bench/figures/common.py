@@ -162,18 +162,18 @@ def autocast_ctx(device, amp: bool):
 
 
 class Runner:
-    """One model with a plan applied, its AdamW (spt_core's param groups) and a timed training step."""
+    """One model with a plan applied, its AdamW as the Trainer makes it, and a timed training step."""
 
     def __init__(self, spec: ModelSpec, plan, device, amp: bool, seed: int = 0, grad_checkpointing: bool = False):
         from spt_core import apply_plan
-        from spt_core.train import enable_grad_checkpointing, param_groups
+        from spt_core.train import enable_grad_checkpointing, make_optimizer
 
         self.device, self.amp = device, amp
         self.model = apply_plan(spec.build(device, seed), plan)
         if grad_checkpointing:
             enable_grad_checkpointing(self.model)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, 1e-4), lr=1e-3)
+        self.optimizer = make_optimizer(self.model, 1e-3, 1e-4)
 
     def step(self, x, y) -> float:
         sync(self.device)

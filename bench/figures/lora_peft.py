@@ -36,7 +36,7 @@ def measure_lora_vs_peft(*, arch: str, img_size: int, batch: int, rank: int, rou
     from peft import LoraConfig, get_peft_model
 
     from spt_core import ModelLayout, apply_plan, uniform_lora
-    from spt_core.train import param_groups
+    from spt_core.train import make_optimizer
 
     def build():
         torch.manual_seed(0)
@@ -51,8 +51,7 @@ def measure_lora_vs_peft(*, arch: str, img_size: int, batch: int, rank: int, rou
                                                     target_modules=["qkv"], modules_to_save=["head"]))
     models = {"spt_core": ours, "peft": peft_model}
     params = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in models.items()}
-    opts = {"spt_core": torch.optim.AdamW(param_groups(ours, 1e-4), lr=1e-3),
-            "peft": torch.optim.AdamW(param_groups(peft_model, 1e-4), lr=1e-3)}
+    opts = {n: make_optimizer(m, 1e-3, 1e-4) for n, m in models.items()}
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)

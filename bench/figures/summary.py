@@ -95,8 +95,8 @@ def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         n.append("median step: " + ", ".join(f"{k} {v:.3f} s" for k, v in st["step_s_median"].items())
                  + f" at batch {st['batch']} ({st['rounds']} interleaved rounds)")
     if st.get("ops_per_step"):
-        n.append("aten ops that compute, per training step here (each one or more kernel launches on a GPU, where "
-                 "AdamW groups its per-tensor ops): " +
+        n.append("aten ops that compute, per training step here (each one or more kernel launches on a GPU; AdamW "
+                 "is the fused kernel, as the Trainer's): " +
                  ", ".join(f"{k} {v}" for k, v in st["ops_per_step"].items()))
     for clock, key in (("wall", "spt_vs_lora_per_round"), ("CPU", "spt_vs_lora_cpu_per_round")):
         rounds = st.get(key) or []
