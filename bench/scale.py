@@ -18,7 +18,8 @@ Writes bench/scale.json: scheduling_overhead_fraction (slot time of the Tune run
 steps), idle_slot_fraction_phase_edges (idle slot time between the first and the last task's end of
 search, where a global barrier used to idle slots), head_peak_rss_gb (driver + head node's Ray processes,
 sampled; by part in head_peak_rss_gb_by_part), object_store_bytes_per_trial (peak object store use over
-trials run), full_map_reads, parquet_files, driver_cpu_s, wall_s, scale_factor, and the shape that ran.
+trials run), full_map_reads, parquet_files, storage (bytes by folder, checkpoints held per trial), driver_cpu_s,
+wall_s, scale_factor, and the shape that ran.
 """
 
 from __future__ import annotations
@@ -169,6 +170,17 @@ def _median(values: list[float | None]) -> float | None:
     return round(vals[len(vals) // 2], 3) if vals else None
 
 
+def footprint(storage: Path) -> dict[str, Any]:
+    """Bytes under each top-level folder of the sweep's storage, and the checkpoints each Tune trial folder
+    holds at the end (a sweep keeps one: CheckpointConfig(num_to_keep=1))."""
+    by_folder = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+                 for d in sorted(storage.iterdir()) if d.is_dir()}
+    held = [len(list(t.glob("checkpoint_*"))) for t in storage.glob("tune/*/*") if t.is_dir()]
+    held = [n for n in held if n]
+    return {"bytes_by_folder": by_folder, "bytes": sum(by_folder.values()),
+            "checkpoints_per_trial": {"max": max(held, default=0), "median": _median(held), "trials": len(held)}}
+
+
 def idle_at_edges(rows: list[dict[str, Any]], slots: int) -> float:
     """Idle slot fraction between the first and the last task's end of search (trial spans from rows)."""
     spans = [(r["created_at"].timestamp() - r["wall_s"], r["created_at"].timestamp(), r)
@@ -273,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "object_store_bytes_per_trial": int(sampler.peak_store / max(1, len(runs))),
             "full_map_reads": result.store_stats.get("full_map_reads"),
             "parquet_files": len(list(Path(storage, "results").rglob("*.parquet"))),
+            "storage": footprint(Path(storage)),
             "driver_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
             "wall_s": round(wall, 1), "tune_s": round(tune_s, 1), "scale_factor": args.scale,
             "sweep_overhead_share": result.overhead.get("share"),

@@ -64,7 +64,7 @@ def test_rehearsal_smoke_writes_every_figure(tmp_path):
     out = tmp_path / "scale.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--tasks", "2", "--trials", "3",
                            "--epochs", "2", "--grace", "1", "--seeds", "1", "--baselines", "linear", "--nodes", "2",
-                           "--gpus", "2", "--scale", "0.002", "--out", str(out)],
+                           "--gpus", "2", "--scale", "0.002", "--checkpoint-every", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fig = json.loads(out.read_text())
@@ -77,5 +77,8 @@ def test_rehearsal_smoke_writes_every_figure(tmp_path):
     assert fig["full_map_reads"] == 0 and 0 <= fig["scheduling_overhead_fraction"] <= 1
     assert fig["parquet_files"] <= 2 * 2 + 1  # one per task and phase (+ at most one part)
     assert shape["map_entries"] > 85e6
+    held = fig["storage"]["checkpoints_per_trial"]  # 2-epoch runs checkpoint twice; the sweep keeps the last
+    assert held["trials"] >= 2 and held["max"] == 1
+    assert fig["storage"]["bytes_by_folder"]["tune"] > 0 and fig["storage"]["bytes_by_folder"]["results"] > 0
     parts = fig["head_peak_rss_gb_by_part"]  # each part's own peak: together at least the peak of the whole
     assert {"driver", "store", "ray_core"} <= set(parts) and sum(parts.values()) >= fig["head_peak_rss_gb"] - 1e-3
