@@ -98,6 +98,6 @@ def prepare_cached(task: TaskRef, backbone: BackboneRef, plan: TuningPlan, cfg: 
     model = backbone_for(backbone, task, seed)
     apply_plan(model, plan)
     train_split, eval_split = task.splits(phase)
-    train, evaluate = run_loaders(dataset_for(task, train_split, train=True), dataset_for(task, eval_split, train=False),
-                                  cfg, seed=seed, num_workers=num_workers)
+    train, evaluate = run_loaders(dataset_for(task, train_split, train=True),
+                                  dataset_for(task, eval_split, train=False), cfg, seed=seed, num_workers=num_workers)
     return Trainer(model, cfg), train, evaluate

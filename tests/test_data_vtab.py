@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -198,5 +199,8 @@ def test_worker_error_is_one_line(vtab_root: Path) -> None:
     ds = VtabDataset(vtab_root, "eurosat", "train800", img_size=8)
     ds.paths[5].write_bytes(b"garbage")
     loader = make_loader(ds, batch_size=2, train=False, num_workers=1)
+    before = {c.pid for c in psutil.Process().children()}
     msg = _error(lambda: list(loader))
     assert msg.startswith("cannot read image") and str(ds.paths[5]) in msg and "Traceback" not in msg
+    # the worker stopped with the error, not when the loader is collected (a 5 s join for persistent workers)
+    assert {c.pid for c in psutil.Process().children()} <= before

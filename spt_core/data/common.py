@@ -107,12 +107,23 @@ class SafeDataLoader(DataLoader):
             except StopIteration:
                 return
             except DataError as err:
+                self._stop_workers(it)
                 raise _strip_worker_traceback(err) from None
             finally:
                 if private:
                     data_state = torch.get_rng_state()
                     torch.set_rng_state(outer_state)
             yield batch
+
+
+    def _stop_workers(self, it: Iterator[Any]) -> None:
+        """Stop the worker processes of a loader that raised (its data is bad; it is not iterated again): left
+        to garbage collection, torch joins persistent workers with a 5 s timeout each."""
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+        if self.persistent_workers:
+            self._iterator = None
 
 
 def _seed_worker(worker_id: int) -> None:
