@@ -57,16 +57,20 @@ class _ScalarReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("batches", [2, 6])
-def test_epoch_metrics_read_the_device_once(batches):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device, batches", [("cpu", 2), ("cpu", 6), pytest.param("cuda", 3, marks=CUDA)])
+def test_epoch_metrics_read_the_device_once(device, batches):
     """Loss and accuracy are summed on the device and read once per epoch (not once per step, which would
     stall a GPU every step), and still equal the per-batch sums a Python loop would form."""
     trainer = Trainer(apply_plan(tiny_vit(seed=3), allocate(SMAP, 3000)),
-                      TrainConfig(epochs=1, warmup_epochs=0, device="cpu"), progress=False)
+                      TrainConfig(epochs=1, warmup_epochs=0, device=device), progress=False)
     data = random_batches(batches)
     with _ScalarReads(trainer.optimizer) as reads:
         ev = trainer.evaluate(data)
     assert reads.count == 2
+    data = [(x.to(device), y.to(device)) for x, y in data]
     with torch.no_grad():
         logits = [trainer.model(x).float() for x, _ in data]
         loss = sum(torch.nn.functional.cross_entropy(z, y, reduction="sum").item() for z, (_, y) in zip(logits, data))
@@ -113,7 +117,7 @@ def test_run_loaders_pin_batches_only_for_a_gpu_run(device, pinned):
     train, evaluate = run_loaders(data, data, TrainConfig(batch_size=4, device=device), seed=0)
     assert train.pin_memory is pinned and evaluate.pin_memory is pinned
     assert (train.batch_size, evaluate.batch_size) == (4, 8)
-    if not pinned:  # pinning needs a GPU to iterate
+    if not pinned or torch.cuda.is_available():  # pinning needs a GPU to iterate
         assert [int(y) for _, ys in evaluate for y in ys] == list(range(10))  # eval keeps file order
 
 
