@@ -33,7 +33,7 @@ class PassBoard:
 def pass_reporter(store: Any, key: str, task: str, every_s: float = 0.5) -> ProgressSink:
     """A progress sink telling the store (fire and forget, at most every `every_s` and at the end) how many
     batches of `task`'s sensitivity pass are done; a no-op without a store."""
-    last = [0.0]
+    last = [float("-inf")]  # the first report goes out (time.monotonic() may start near 0 after a boot)
 
     def report(desc: str, done: int, total: int | None) -> None:
         now = time.monotonic()

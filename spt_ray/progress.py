@@ -183,7 +183,7 @@ class SweepProgress(Callback):
         self.start: float | None = None
         self.work_at_start: float | None = None
         self.drawn = 0  # lines of the live table now on screen
-        self.last_draw = self.last_poll = 0.0
+        self.last_draw = self.last_poll = float("-inf")  # monotonic() may start near 0 after a boot
         self.passes: dict[str, dict[str, Any]] = {}  # sensitivity passes computing at the last poll
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles the run config: no clock or screen state

@@ -3,6 +3,7 @@ benchmark, not here). The tiny mode swaps ViT-B/16 for a tiny ViT so this takes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -112,3 +113,46 @@ def test_memory_projection_adds_the_per_image_bytes_to_the_measured_peak():
     assert "lora" not in out["fit"] and "spt_vs_lora_at_64" not in out  # a failed run gives no figure
     at_64 = project({"spt": {64: {"peak_bytes": 3 * mib}}, "full": {64: {"peak_bytes": 6 * mib}}}, (64,))
     assert at_64["spt_vs_full_at_64"] == 0.5  # measured at 64 (GPU): no projection
+
+
+@pytest.mark.parametrize("config", ["spt", "full", "lora"])
+def test_skipping_the_products_allocates_the_same_tensors_as_computing_them(config):
+    """The CPU memory figure skips the arithmetic (SkipProducts): two training steps under bf16 autocast with
+    checkpointing must produce every op's output with the same shape, dtype and strides, in the same order, as
+    when computed; only the products' values differ (zeros)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from figures.common import ModelSpec, Runner, build_plans, make_batches
+    from figures.memory import _PRODUCTS, SkipProducts
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.outputs, self.product_sums = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+            self.outputs.append((str(func), [(tuple(t.shape), t.dtype, t.layout,
+                                              t.stride() if t.layout == torch.strided else None) for t in tensors]))
+            if func in _PRODUCTS:
+                self.product_sums.append(sum(float(t.detach().abs().sum()) for t in tensors))
+            return out
+
+    spec = ModelSpec(tiny=True)
+    plan = build_plans(spec, (config,))[0][config]
+    x, y = make_batches(spec, 4, 1, "cpu")[0]
+    records = []
+    for skip in (False, True):
+        runner = Runner(spec, plan, "cpu", amp=True, grad_checkpointing=True)
+        with SkipProducts() if skip else contextlib.nullcontext(), Record() as record:
+            runner.step(x, y)
+            runner.step(x, y)
+        records.append(record)
+    computed, skipped = records
+    assert computed.outputs == skipped.outputs
+    nonzero = sum(s > 0 for s in computed.product_sums)  # LoRA's zero-initialised up matrix gives some zeros
+    assert len(computed.product_sums) > 10 and nonzero > len(computed.product_sums) / 2
+    assert all(s == 0 for s in skipped.product_sums)
