@@ -59,8 +59,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         # Sensitivity over 3 batches a call: its once-per-map setup (zeroed fp32 accumulators, the model's size)
         # spreads as over a real map's ~25 batches, if less; with 1 batch it set the ratio's round-to-round swing.
         s = dict(mode="quick", batch=2, rounds=8, warmup=1, sens_batches=3, sens_rounds=3, mem_steps=2,
-                 mem_batches=(64,), sparse_rounds=31, result_rows=1_000_000, sweep=False, query=False,
-                 calibrate=False, step_configs=("lora", "spt"), peft=dict(peft, rounds=5))
+                 mem_batches=(64,), sparse_rounds=31, sparse_budget_s=40, result_rows=1_000_000, sweep=False,
+                 query=False, calibrate=False, step_configs=("lora", "spt"), peft=dict(peft, rounds=5))
     else:
         s = dict(mode="gpu" if args.gpu else "full", batch=64, rounds=10, warmup=3, sens_batches=4, sens_rounds=4,
                  mem_steps=3, mem_batches=(64,), sparse_rounds=15, result_rows=1_000_000, sweep=not args.gpu,
@@ -76,6 +76,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     # The sparse layer at one batch of the mode's recipe: batch 8 on a CPU, 64 on a GPU (197 tokens an image); at
     # batch 8 a GPU layer's time is mostly the launches and the autograd calls, not the layer's work.
     s.update(sparse_tokens=197 * (64 if s["mode"] == "gpu" else 8), path_rounds=1 if s["mode"] == "tiny" else 3)
+    s.setdefault("sparse_budget_s", None)  # seconds a sparse-layer case may take (5 rounds at least)
     s.update(device=device, amp=bool(cuda and not args.no_amp), mem_amp=not args.no_amp,
              threads=torch.get_num_threads(), grad_checkpointing=not args.no_grad_checkpointing)
     return s
@@ -221,7 +222,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 reasons[f] = "a memory subprocess failed: " + json.dumps(r.get("runs"), default=str)[:400]
 
     r = stage("sparse_layer", lambda: figures.measure_sparse_layer(rounds=s["sparse_rounds"], device=s["device"],
-                                                                   tokens=s["sparse_tokens"], log=log),
+                                                                   tokens=s["sparse_tokens"],
+                                                                   budget_s=s["sparse_budget_s"], log=log),
               "sparse_layer_vs_dense_bf16_p001", "sparse_layer_vs_dense_bf16_p01")
     if r is not None:
         out["sparse_layer_vs_dense_bf16_p001"], out["sparse_layer_vs_dense_bf16_p01"] = (

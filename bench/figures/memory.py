@@ -93,9 +93,11 @@ def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
         live = os.environ.get("MALLOC_MMAP_THRESHOLD_")
         method += (f", glibc MALLOC_MMAP_THRESHOLD_={live} (freed tensors leave the RSS)" if live else
                    ", glibc default allocator settings (RSS includes freed heap blocks)")
+    skip = not cuda and args.get("skip_products", True)  # False: computed, to check the two agree
+    if skip:
         method += "; matrix products, attention and convolutions not computed (SkipProducts: same tensors)"
     runner = Runner(spec, plan, device, args["amp"], grad_checkpointing=bool(args.get("grad_checkpointing")))
-    with nullcontext() if cuda else SkipProducts():
+    with SkipProducts() if skip else nullcontext():
         for _ in range(args["steps"]):
             runner.step(x, y)
     if cuda:
@@ -105,10 +107,11 @@ def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
         peak = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     model = runner.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    with nullcontext() if cuda else SkipProducts():
+    with SkipProducts() if skip else nullcontext():
         activation = activation_bytes_per_image(runner.model, x[:1], y[:1], device, args["amp"])
     return {"config": args["config"], "batch": args["batch"], "peak_bytes": int(peak - base),
             "baseline_bytes": int(base), "grad_checkpointing": bool(args.get("grad_checkpointing")),
+            "products_computed": not skip,
             "absolute_peak_bytes": int(peak), "method": method, "steps": args["steps"],
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "trainable_params_with_head": trainable,

@@ -13,10 +13,12 @@ from .common import median, sync
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device,
-                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                cpu: dict[str, list[float]] | None = None, budget_s: float | None = None,
+                min_rounds: int = 5) -> dict[str, list[float]]:
     """Seconds per call of each function, `rounds` times in an order that rotates every round; each sample
     repeats its function enough times to last ~20 ms (timer resolution, short kernels). `cpu`, if given,
-    receives this process's CPU seconds per call too (less sensitive to other processes on a shared CPU)."""
+    receives this process's CPU seconds per call too (less sensitive to other processes on a shared CPU).
+    `budget_s`, if given, ends the rounds once that many seconds have passed, after `min_rounds` at least."""
 
     def timeit(fn, reps: int, name: str | None = None) -> float:
         sync(device)
@@ -31,7 +33,10 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device,
     reps = {n: max(1, min(50, math.ceil(0.02 / max(1e-6, timeit(f, 1))))) for n, f in fns.items()}
     samples: dict[str, list[float]] = {n: [] for n in fns}
     names = list(fns)
+    start = time.perf_counter()
     for r in range(rounds):
+        if budget_s is not None and r >= min_rounds and time.perf_counter() - start > budget_s:
+            break
         for n in names[r % len(names):] + names[:r % len(names)]:
             samples[n].append(timeit(fns[n], reps[n], n))
     return samples
@@ -141,10 +146,12 @@ LAYER_CASES = (("0.1%", 0.001, None), ("1%", 0.01, None), ("1%_concentrated", 0.
 
 
 def measure_sparse_layer(*, d: int = 768, tokens: int = 1576, cases=LAYER_CASES, rounds: int = 7, device="cpu",
-                         dtype: torch.dtype = torch.bfloat16, log: Callable[[str], None]) -> dict[str, Any]:
+                         dtype: torch.dtype = torch.bfloat16, budget_s: float | None = None,
+                         log: Callable[[str], None]) -> dict[str, Any]:
     """A d x d layer under `dtype` autocast, forward + backward (input gradient included, as inside a
     network): the sparse delta (SparseDeltaLinear on a frozen weight, bias) against a plain trainable
-    nn.Linear. Records which kernel produced the entry gradients (spt_core.modules.sparse.PATH_COUNTS)."""
+    nn.Linear, `rounds` rounds or `budget_s` seconds a case (a CPU without native bf16 took 2 s a call).
+    Records which kernel produced the entry gradients (spt_core.modules.sparse.PATH_COUNTS)."""
     from spt_core.modules.sparse import PATH_COUNTS, sparse_delta_linear
 
     g = torch.Generator().manual_seed(0)
@@ -172,7 +179,7 @@ def measure_sparse_layer(*, d: int = 768, tokens: int = 1576, cases=LAYER_CASES,
         sparse_step()
         path = next((n for n in PATH_COUNTS if PATH_COUNTS[n] > before[n]), "none")
         cpu: dict[str, list[float]] = {}
-        samples = interleaved({"sparse": sparse_step, "dense": dense_step}, rounds, device, cpu)
+        samples = interleaved({"sparse": sparse_step, "dense": dense_step}, rounds, device, cpu, budget_s)
         ratios = [a / b for a, b in zip(samples["sparse"], samples["dense"])]
         out[key] = {"k": k, "density": density, "col_fraction": col_fraction, "kernel": path,
                     "s_median": {n: median(v) for n, v in samples.items()},
