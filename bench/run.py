@@ -97,7 +97,7 @@ def environment(device: str) -> dict[str, Any]:
         "load_avg_start": list(os.getloadavg()),
     }
     # Whether the CPU multiplies bf16 natively decides the bf16 figures' CPU times (without it torch's bf16
-    # matmul ran 6-80x its fp32 time here, by operand layout), so the machine line says so.
+    # matmul ran 5-80x its fp32 time here, by operand layout), so the machine line says so.
     bf16 = "native bf16 (" + ", ".join(env["cpu_bf16_flags"]) + ")" if env["cpu_bf16_flags"] else "no native bf16"
     env["device_name"] = (torch.cuda.get_device_name(0) if device == "cuda" else
                           f"CPU: {env['cpu_model']}, {env['cpu_capability']}, {bf16}")

@@ -32,11 +32,11 @@ class SkipProducts(TorchDispatchMode):
     """Inside it every op of _PRODUCTS returns zero-filled tensors of the shape, dtype and strides its kernel
     would write (from the op's meta kernel); every other op runs. A step then allocates and frees the same
     tensors in the same order as when computed (tests/test_bench.py compares the two op by op), and zero-filling
-    touches each page as a kernel writing its output does, so the peak RSS counts the same tensors (not the
-    kernels' own workspace: 33 MiB of full fine-tuning's 1.5 GB at batch 2, bench/memory_skip_check.json),
+    touches each page as a kernel writing its output does, so the peak RSS counts the same tensors (not what
+    the kernels hold besides: 33 MiB of full fine-tuning's 1.5 GB at batch 2, bench/memory_skip_check.json),
     without the products' time: on a CPU without native bf16 (AVX2 only) torch's bf16 matmul of a 768 x 768
-    weight by 1,576 tokens took 0.13 s, 1.7 s in the input gradient's layout, against 0.02 s in fp32, and one
-    batch-64 step of ViT-B/16 would take tens of minutes."""
+    weight by 1,576 tokens took 0.13 s, 1.7 s in the input gradient's layout, against 0.02 s in fp32, so one
+    batch-64 step of ViT-B/16 would take tens of minutes (estimated)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
