@@ -74,9 +74,10 @@ def random_entries(d: int, density: float, g: torch.Generator, device, col_fract
 def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0.01), rounds: int = 7,
                         device="cpu", log: Callable[[str], None]) -> dict[str, Any]:
     """One d x d matrix, `tokens` tokens. Gradient of the K selected entries: our SDDMM path (sampled_grad on
-    the CSR pattern, what SparseDeltaLinear's backward runs) vs the naive path (dense G^T X, then gather the
-    K entries). Also the whole layer backward (grad_x + entry gradients) vs a dense trainable weight."""
-    from spt_core.modules.sparse import sampled_grad, sparse_delta_linear
+    the CSR pattern with the device's fast kernel, what SparseDeltaLinear's backward runs) vs the naive path
+    (dense G^T X, then gather the K entries); torch's own SDDMM too where the fast kernel is another. Also the
+    whole layer backward (grad_x + entry gradients) vs a dense trainable weight."""
+    from spt_core.modules.sparse import PATH_COUNTS, sampled_grad, sparse_delta_linear
 
     g = torch.Generator().manual_seed(0)
     G = torch.randn(tokens, d, generator=g).to(device)
@@ -92,22 +93,27 @@ def measure_sparse_grad(*, d: int = 768, tokens: int = 1576, densities=(0.001, 0
         mask = torch.zeros(d, d, device=device)
         mask[rows, cols] = 1
 
+        before = dict(PATH_COUNTS)
+        sampled_grad(G, X, rows, cols, pattern)
+        kernel = next((n for n in PATH_COUNTS if PATH_COUNTS[n] > before[n]), "none")
         fns = {
-            "sddmm": lambda: sampled_grad(G, X, rows, cols, pattern, path="sddmm"),  # the kernel, on any device
+            "sddmm": lambda: sampled_grad(G, X, rows, cols, pattern),  # the device's fast kernel
             "dense_masked": lambda: (G.t() @ X)[rows, cols],
             "sparse_layer_backward": lambda: torch.autograd.grad(
                 sparse_delta_linear(xg, W, None, delta, rows, cols, pattern), (xg, delta), G),
             "dense_layer_backward": lambda: [gr if i == 0 else gr * mask for i, gr in enumerate(torch.autograd.grad(
                 F.linear(xg, w_dense), (xg, w_dense), G))],
         }
+        if kernel != "sddmm":
+            fns["torch_sddmm"] = lambda: sampled_grad(G, X, rows, cols, pattern, path="sddmm")
         torch.testing.assert_close(fns["sddmm"](), fns["dense_masked"](), rtol=1e-3, atol=1e-2)
         samples = interleaved(fns, rounds, device)
         ratios = [a / b for a, b in zip(samples["sddmm"], samples["dense_masked"])]
         layer = [a / b for a, b in zip(samples["sparse_layer_backward"], samples["dense_layer_backward"])]
         key = f"{density * 100:g}%"
-        out[key] = {"k": k, "s_median": {n: median(v) for n, v in samples.items()},
+        out[key] = {"k": k, "kernel": kernel, "s_median": {n: median(v) for n, v in samples.items()},
                     "ratio": median(ratios), "ratio_per_round": ratios, "layer_backward_ratio": median(layer)}
-        log(f"  sparse grad at {key} (K={k}): SDDMM {median(samples['sddmm']) * 1e3:.2f} ms vs dense masked "
+        log(f"  sparse grad at {key} (K={k}): SDDMM ({kernel}) {median(samples['sddmm']) * 1e3:.2f} ms vs dense masked "
             f"{median(samples['dense_masked']) * 1e3:.2f} ms -> {median(ratios):.3f}")
     return out
 
@@ -119,10 +125,14 @@ PATH_SHAPES = tuple((d_out, n, fill) for d_out in (768, 3072) for n in (8, 48, 1
 
 def measure_path_costs(*, tokens: int = 1576, shapes=PATH_SHAPES, rounds: int = 3, dtype=torch.bfloat16,
                        log: Callable[[str], None]) -> dict[str, Any]:
-    """Both kernels for the K entry gradients (sampled_grad's "sddmm" and "gemm", forced) on a grid of layer
-    shapes: d_out x n_in products (n_in the input columns a layer keeps) with K = fill x d_out x n_in entries.
-    `gemm_over_sddmm` is each shape's time ratio; FAST_PATH says which kernel a device takes."""
+    """The kernels for the K entry gradients (sampled_grad's "sddmm" and "gemm", and "native" where this CPU
+    has the compiled one, forced) on a grid of layer shapes: d_out x n_in products (n_in the input columns a
+    layer keeps) with K = fill x d_out x n_in entries. `gemm_over_sddmm` (and `native_over_sddmm`) is each
+    shape's time ratio; FAST_PATH says which kernel a device takes."""
+    from spt_core.modules import native
     from spt_core.modules.sparse import csr_pattern, sampled_grad
+
+    paths = ("sddmm", "gemm") + (("native",) if native.kernel() is not None else ())
 
     g = torch.Generator().manual_seed(0)
     rows_out = []
@@ -133,11 +143,13 @@ def measure_path_costs(*, tokens: int = 1576, shapes=PATH_SHAPES, rounds: int = 
         pattern = csr_pattern(r, c, (d_out, n))
         G = torch.randn(tokens, d_out, generator=g).to(dtype)
         X = torch.randn(tokens, n, generator=g).to(dtype)
-        fns = {p: (lambda p=p: sampled_grad(G, X, r, c, pattern, path=p)) for p in ("sddmm", "gemm")}
+        fns = {p: (lambda p=p: sampled_grad(G, X, r, c, pattern, path=p)) for p in paths}
         t = {p: median(v) for p, v in interleaved(fns, rounds, "cpu").items()}
-        rows_out.append({"d_out": d_out, "n_in": n, "k": k, "s": t, "gemm_over_sddmm": t["gemm"] / t["sddmm"]})
-    log("  gemm / sddmm entry-gradient time by shape: " + ", ".join(
-        f"{x['d_out']}x{x['n_in']} K={x['k']} {x['gemm_over_sddmm']:.2f}" for x in rows_out))
+        rows_out.append({"d_out": d_out, "n_in": n, "k": k, "s": t,
+                         **{f"{p}_over_sddmm": t[p] / t["sddmm"] for p in paths if p != "sddmm"}})
+    for p in paths[1:]:
+        log(f"  {p} / sddmm entry-gradient time by shape: " + ", ".join(
+            f"{x['d_out']}x{x['n_in']} K={x['k']} {x[f'{p}_over_sddmm']:.2f}" for x in rows_out))
     return {"tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "shapes": rows_out}
 
 

@@ -121,12 +121,15 @@ def notes(raw: dict[str, Any], settings: dict[str, Any]) -> list[str]:
                      f"{case['cpu_time_ratio']:.3f}")
     pc = raw.get("path_costs") or {}
     if pc.get("shapes"):
-        by_width = {}
-        for x in pc["shapes"]:
-            by_width.setdefault("<= 48" if x["n_in"] <= 48 else ">= 192", []).append(x["gemm_over_sddmm"])
-        n.append(f"entry gradients, dense product / SDDMM on a CPU over {len(pc['shapes'])} shapes ({pc['tokens']} "
-                 "tokens; d_out 768 / 3072, fill 0.2-20%), by kept input columns: " + ", ".join(
-                     f"{w}: {min(v):.2f}..{max(v):.2f} (median {median(v):.2f})" for w, v in by_width.items()))
+        for path, label in (("gemm", "dense product"), ("native", "compiled kernel")):
+            by_width = {}
+            for x in pc["shapes"]:
+                if f"{path}_over_sddmm" in x:
+                    by_width.setdefault("<= 48" if x["n_in"] <= 48 else ">= 192", []).append(x[f"{path}_over_sddmm"])
+            if by_width:
+                n.append(f"entry gradients, {label} / torch's SDDMM on a CPU over {len(pc['shapes'])} shapes "
+                         f"({pc['tokens']} tokens; d_out 768 / 3072, fill 0.2-20%), by kept input columns: " + ", ".join(
+                             f"{w}: {min(v):.2f}..{max(v):.2f} (median {median(v):.2f})" for w, v in by_width.items()))
     mem = raw.get("memory") or {}
     fit = mem.get("fit") or {}
     if fit:

@@ -18,8 +18,10 @@ ViT-B/16 shapes and batch 64 it took 36-105 us a layer at full width against abo
 matmul plus its two transposing copies (bench/gpu/); it costs d_out x n_used multiply-adds a token, so it shrinks
 with the kept columns, and its result is one d_out x n_used buffer, freed at once. A CPU takes the SDDMM: it was
 faster on wide inputs at low fill, and where the kept columns are few the two swapped places from run to run
-(`python bench/run.py --quick` times both: raw.path_costs). The per-entry gather is only a fallback (no pattern
-on a CPU, or a device with neither kernel); `PATH_COUNTS` records which kernel ran.
+(`python bench/run.py --quick` times both: raw.path_costs). On a CPU with AVX-512 the SDDMM is our compiled
+kernel (spt_core.modules.native: torch's needs two transposing copies that cost more than its dot products),
+elsewhere torch's. The per-entry gather is only a fallback (no pattern on a CPU, or a device with neither
+kernel); `PATH_COUNTS` records which kernel ran.
 
 Under bf16 / fp16 autocast the layer runs in the autocast dtype like a plain Linear (merged copy built in that
 dtype and kept for the backward, the input cast once and saved in it); the entry gradients still accumulate
@@ -34,6 +36,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.nn import functional as F
 
+from . import native
+
 _GATHER_CHUNK = 1 << 22  # max tokens * entries per chunk in the gather fallback
 # Tokens go through the SDDMM kernel in chunks whose laid-out fp32 operands take at most this many bytes, so the
 # transient copies stay cache-sized whatever the batch (one pass at batch 64 and fc1's shape would lay out 190 MB);
@@ -41,9 +45,9 @@ _GATHER_CHUNK = 1 << 22  # max tokens * entries per chunk in the gather fallback
 _SDDMM_CHUNK_BYTES = 1 << 22
 # The fastest measured way to the K entry gradients, by device type (bench/figures/sparse_grad.py on CPU,
 # bench/gpu_grad_paths.py on CUDA); a device not listed takes the gather fallback.
-FAST_PATH = {"cpu": "sddmm", "cuda": "gemm"}
+FAST_PATH = {"cpu": "native", "cuda": "gemm"}
 # Which kernel `sampled_grad` ran, by name: the bench and the tests read it to check the fast path is taken.
-PATH_COUNTS: dict[str, int] = {"sddmm": 0, "gemm": 0, "gather": 0}
+PATH_COUNTS: dict[str, int] = {"native": 0, "sddmm": 0, "gemm": 0, "gather": 0}
 
 
 def merged_weight(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor,
@@ -81,6 +85,8 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, co
     """sum over tokens of grad_out[:, rows[j]] * x[:, cols[j]] for every j (2-D inputs: tokens x features).
 
     `path` (default: FAST_PATH for the device) picks the kernel:
+    - "native" (needs `pattern`): the compiled CPU kernel (spt_core.modules.native), which lays out tiles of
+      tokens in cache and widens in registers; "sddmm" where it is not built or the operands do not suit it.
     - "sddmm" (needs `pattern`): the kernel reads rows of grad_out^T and of x^T; both are laid out that way
       (contiguous) in one copy that also widens bf16 / fp16 to fp32 (the kernel has no low-precision version,
       and fp32 accumulation is what the dense bf16 GEMM does too), a chunk of tokens at a time, the chunks'
@@ -92,6 +98,12 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, co
     """
     acc = torch.float64 if torch.float64 in (grad_out.dtype, x.dtype) else torch.float32
     path = path or FAST_PATH.get(grad_out.device.type, "gather")
+    if path == "native":
+        lib = native.kernel() if pattern is not None and native.supports(grad_out, x) else None
+        if lib is not None:
+            PATH_COUNTS["native"] += 1
+            return native.sampled_grad_native(lib, grad_out, x, pattern)
+        path = "sddmm"
     if path == "gemm":
         PATH_COUNTS["gemm"] += 1
         return _product_acc(grad_out.t(), x, acc)[rows, cols].to(acc)
